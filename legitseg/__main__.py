@@ -1,0 +1,3 @@
+from legitseg.cli import main
+
+main()

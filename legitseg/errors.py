@@ -1,0 +1,52 @@
+"""The few error types legitseg raises; each carries the exit code of SPEC section 6."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_IMAGES_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_RUNTIME = 4
+EXIT_LOCKED = 5
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class LegitsegError(Exception):
+    """Base class: a message for the user and the exit code it maps to."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class UsageError(LegitsegError):
+    """Bad command-line arguments or combinations (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ManifestError(LegitsegError):
+    """models.yaml is missing, malformed or refers to something invalid (exit 3)."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class WeightsError(LegitsegError):
+    """A weights file fails its sha256, cannot be loaded safely, or does not fit (exit 3)."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class RuntimeFailure(LegitsegError):
+    """Device, memory or output-folder failure that stops the run (exit 4)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class OutputLocked(LegitsegError):
+    """Another legitseg run holds the output folder (exit 5)."""
+
+    exit_code = EXIT_LOCKED
+
+
+class ImageError(Exception):
+    """One image cannot be processed; recorded as `failed`, the run goes on."""

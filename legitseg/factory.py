@@ -1,0 +1,199 @@
+"""Model spec -> nn.Module with verified weights (SPEC section 3).
+
+The only module that calls smp. Nothing here reaches a hub: `legitseg/__init__`
+sets HF_HUB_OFFLINE before smp is imported, encoders are built with
+`encoder_weights=None`, and normalisation comes from the manifest or from the
+encoder settings that ship inside smp and timm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import segmentation_models_pytorch as smp  # noqa: E402
+import torch  # noqa: E402
+from segmentation_models_pytorch.base import ClassificationHead  # noqa: E402
+from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (  # noqa: E402
+    pretrained_settings as _SMP_LOCAL_SETTINGS,
+)
+from torch import nn  # noqa: E402
+
+from legitseg.errors import ManifestError, WeightsError  # noqa: E402
+from legitseg.manifest import ModelSpec  # noqa: E402
+from legitseg.weights import (  # noqa: E402
+    load_strict,
+    parse_state_dict,
+    read_pretrained_config,
+    read_verified,
+)
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="segmentation_models_pytorch")
+
+
+class SeverityClassifier(nn.Module):
+    """Encoder + smp ClassificationHead on the deepest feature map; returns logits (N, classes)."""
+
+    def __init__(self, encoder: nn.Module, classes: int, pooling: str):
+        super().__init__()
+        self.encoder = encoder
+        self.classification_head = ClassificationHead(
+            encoder.out_channels[-1], classes, pooling=pooling, dropout=0
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classification_head(self.encoder(x)[-1])
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what the pipeline needs to feed it."""
+
+    spec: ModelSpec
+    module: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stride: int
+    build_seconds: float
+    parameters: int
+    weight_bytes: int
+
+
+def _check_timm_name(spec: ModelSpec) -> None:
+    if not spec.encoder.startswith("tu-"):
+        return
+    import timm
+
+    name = spec.encoder[3:]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:10]
+        raise ManifestError(
+            f"model {spec.name!r}: field 'encoder': unknown timm model {name!r} in {spec.encoder!r}"
+            + (f"; similar: {', '.join(close)}" if close else "")
+        )
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """Build the untrained architecture for `spec` (no weights, no network).
+
+    Raises ManifestError when smp or timm refuse the combination.
+    """
+    _check_timm_name(spec)
+    try:
+        if spec.task == "severity":
+            encoder = smp.encoders.get_encoder(spec.encoder, in_channels=spec.in_channels, weights=None)
+            return SeverityClassifier(encoder, spec.classes, spec.pooling)
+        return smp.create_model(
+            spec.arch,
+            encoder_name=spec.encoder,
+            encoder_weights=None,
+            in_channels=spec.in_channels,
+            classes=spec.classes,
+            **spec.arch_params,
+        )
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        what = f"{spec.arch} + {spec.encoder}" if spec.task == "segmentation" else spec.encoder
+        raise ManifestError(
+            f"model {spec.name!r}: smp cannot build {what} with arch_params {spec.arch_params}: {err}"
+        ) from err
+
+
+def resolve_normalize(spec: ModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean/std from the manifest, else from the encoder's settings shipped inside smp/timm.
+
+    Never calls smp's get_preprocessing_params (it downloads a config from a hub).
+    """
+    if spec.normalize is not None:
+        return spec.normalize.mean, spec.normalize.std
+    settings = None
+    if spec.encoder.startswith("tu-"):
+        import timm
+
+        try:
+            cfg = timm.models.get_pretrained_cfg(spec.encoder[3:])
+        except (RuntimeError, KeyError, ValueError):
+            cfg = None
+        if cfg is not None and cfg.mean and cfg.std:
+            settings = {"mean": cfg.mean, "std": cfg.std}
+    else:
+        by_weights = _SMP_LOCAL_SETTINGS.get(spec.encoder, {})
+        settings = by_weights.get("imagenet") or next(iter(by_weights.values()), None)
+    if not settings or "mean" not in settings or "std" not in settings:
+        raise ManifestError(
+            f"model {spec.name!r}: field 'normalize': encoder {spec.encoder!r} has no local "
+            "preprocessing settings; set normalize: {mean: [...], std: [...]} in the manifest"
+        )
+    mean, std = tuple(float(v) for v in settings["mean"]), tuple(float(v) for v in settings["std"])
+    if spec.in_channels != len(mean):
+        # A 1-channel model trained from an RGB encoder: use the mean of the RGB settings.
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return mean, std
+
+
+def model_stride(module: nn.Module) -> int:
+    """Height and width must be multiples of this (the encoder's output stride)."""
+    encoder = getattr(module, "encoder", None)
+    return int(getattr(encoder, "output_stride", 32) or 32)
+
+
+def check_pretrained_config(spec: ModelSpec, config: dict) -> None:
+    """A save_pretrained folder's config.json must describe the manifest's model."""
+    expected = {
+        "_model_class": spec.arch,
+        "encoder_name": spec.encoder,
+        "in_channels": spec.in_channels,
+        "classes": spec.classes,
+        **spec.arch_params,
+    }
+    diffs = []
+    for key, want in expected.items():
+        if key not in config:
+            if key in spec.arch_params or key == "_model_class":
+                diffs.append(f"{key}: manifest {want!r}, config.json has none")
+            continue
+        have = config[key]
+        if key == "_model_class":
+            have, want = str(have).lower(), str(want).lower()
+        if isinstance(have, list):
+            have = tuple(have)
+            want = tuple(want) if isinstance(want, list | tuple) else want
+        if have != want:
+            diffs.append(f"{key}: manifest {want!r}, config.json {config[key]!r}")
+    if diffs:
+        raise WeightsError(
+            f"model {spec.name!r}: {spec.weights}/config.json disagrees with the manifest: " + "; ".join(diffs)
+        )
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Verify the sha256, build the architecture, load the weights strictly, set eval mode.
+
+    The bytes that are hashed are the bytes that are parsed. Raises WeightsError
+    or ManifestError (both exit 3).
+    """
+    started = time.perf_counter()
+    data = read_verified(spec.weights, spec.sha256, spec.name)
+    if spec.weights.is_dir():
+        if spec.task != "segmentation":
+            raise WeightsError(
+                f"model {spec.name!r}: save_pretrained folders hold segmentation models; "
+                "save severity classifiers as .safetensors"
+            )
+        check_pretrained_config(spec, read_pretrained_config(spec.weights, spec.name))
+    state = parse_state_dict(data, spec.weights, spec.name)
+    del data
+    module = build_module(spec)
+    load_strict(module, state, spec.name, spec.weights)
+    module.eval()
+    mean, std = resolve_normalize(spec)
+    params = sum(p.numel() for p in module.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    elapsed = time.perf_counter() - started
+    log.debug("built %s in %.2fs (%d parameters)", spec.name, elapsed, params)
+    return LoadedModel(spec, module, mean, std, model_stride(module), elapsed, params, weight_bytes)

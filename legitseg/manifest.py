@@ -1,0 +1,296 @@
+"""models.yaml -> validated, typed model specs (SPEC section 2).
+
+Nothing here imports torch: `legitseg models list` and the CLI's argument checks
+stay fast. Names of smp architectures and encoders come from a snapshot of the
+pinned smp release (`_smp_names.py`); `tu-` (timm) encoder names are checked by
+the factory, which has timm at hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from legitseg._smp_names import ARCHITECTURES, ENCODERS
+from legitseg.errors import ManifestError, UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+_ARCH_BY_LOWER = {a.lower(): a for a in ARCHITECTURES}
+# Fields of smp.create_model that the manifest owns, plus options that would change
+# what the model returns (activation, aux head) or make smp download weights.
+FORBIDDEN_ARCH_PARAMS = {
+    "encoder_weights": "would make smp download pretrained weights; legitseg only loads local weights",
+    "encoder_name": "is set by the manifest field 'encoder'",
+    "in_channels": "is set by the manifest field 'in_channels'",
+    "classes": "is set by the manifest field 'classes'",
+    "arch": "is set by the manifest field 'arch'",
+    "activation": "legitseg applies the activation itself (SPEC 4.3)",
+    "aux_params": "legitseg reads only the mask output; use a severity model for classification",
+}
+SEVERITY_ONLY = ("temperature", "class_values", "pooling")
+SEGMENTATION_ONLY = ("arch", "arch_params", "threshold")
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+class Normalize(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {list(self.std)}")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """One model of the manifest. `weights` is absolute once loaded by `load_manifest`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    task: Literal["segmentation", "severity"]
+    arch: str | None = None
+    encoder: str
+    in_channels: Literal[1, 3] = 3
+    classes: int = Field(1, ge=1, le=65535)
+    labels: tuple[str, ...] | None = None
+    weights: Path
+    sha256: Sha256
+    input_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
+    resize: Literal["stretch", "pad"] = "stretch"
+    interpolation: Literal["linear", "area", "cubic", "nearest"] = "linear"
+    normalize: Normalize | None = None
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    arch_params: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = Field(1.0, gt=0.0)
+    class_values: tuple[float, ...] | None = None
+    pooling: Literal["avg", "max"] = "avg"
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"model name {v!r} must match [a-z0-9_-]+")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        return v.lower()
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return _ARCH_BY_LOWER[v.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown architecture {v!r}; valid: {', '.join(ARCHITECTURES)}"
+            ) from None
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, v: str) -> str:
+        if v.startswith("tu-") or v in ENCODERS:
+            return v
+        close = [e for e in ENCODERS if e.split("-")[0] == v.split("-")[0]][:12]
+        hint = f"similar: {', '.join(close)}; " if close else ""
+        raise ValueError(
+            f"unknown encoder {v!r}; {hint}valid: any of smp's {len(ENCODERS)} encoders "
+            "(`legitseg info --encoders`) or tu-<timm model name>"
+        )
+
+    @field_validator("arch_params")
+    @classmethod
+    def _arch_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in FORBIDDEN_ARCH_PARAMS:
+                raise ValueError(f"arch_params.{key} is not allowed: it {FORBIDDEN_ARCH_PARAMS[key]}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> ModelSpec:
+        given = self.model_fields_set
+        if self.task == "segmentation":
+            if self.arch is None:
+                raise ValueError(f"'arch' is required for segmentation models; valid: {', '.join(ARCHITECTURES)}")
+            wrong = [f for f in SEVERITY_ONLY if f in given]
+            if wrong:
+                raise ValueError(f"field(s) {', '.join(wrong)} only apply to task 'severity'")
+            if "threshold" in given and self.classes != 1:
+                raise ValueError("'threshold' only applies to binary models (classes: 1); multi-class masks use argmax")
+            want = 2 if self.classes == 1 else self.classes
+        else:
+            wrong = [f for f in SEGMENTATION_ONLY if f in given]
+            if wrong:
+                raise ValueError(f"field(s) {', '.join(wrong)} only apply to task 'segmentation'")
+            if self.classes < 2:
+                raise ValueError("severity models need classes >= 2")
+            if self.class_values is not None and len(self.class_values) != self.classes:
+                raise ValueError(
+                    f"class_values has {len(self.class_values)} values but classes is {self.classes}"
+                )
+            want = self.classes
+        if self.labels is not None and len(self.labels) != want:
+            raise ValueError(f"labels has {len(self.labels)} names but this model has {want} (class 0 is background)")
+        if self.resize == "stretch" and self.input_size is None:
+            raise ValueError("'input_size' [height, width] is required when resize is 'stretch'")
+        if self.normalize is not None and len(self.normalize.mean) != self.in_channels:
+            raise ValueError(
+                f"normalize has {len(self.normalize.mean)} channels but in_channels is {self.in_channels}"
+            )
+        return self
+
+    # -- derived values the rest of the code uses ---------------------------------
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        if self.labels is not None:
+            return self.labels
+        if self.task == "severity":
+            return tuple(f"grade_{i}" for i in range(self.classes))
+        if self.classes == 1:
+            return ("background", self.name)
+        return ("background",) + tuple(f"class_{i}" for i in range(1, self.classes))
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """Severity class values (SPEC 4.4), default 0..classes-1."""
+        if self.class_values is not None:
+            return self.class_values
+        return tuple(float(i) for i in range(self.classes))
+
+    @property
+    def probe_size(self) -> tuple[int, int]:
+        """The size used for dummy forwards: input_size, or 256x256 for pad models without one."""
+        return self.input_size or (256, 256)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1]
+    models: dict[str, ModelSpec]
+    path: Path = Path("models.yaml")
+    sha256: str = ""
+
+    def select(self, names: list[str] | None) -> list[ModelSpec]:
+        """The models named (in the order given), or all of them; unknown names are a UsageError."""
+        if not names:
+            return list(self.models.values())
+        unknown = [n for n in names if n not in self.models]
+        if unknown:
+            raise UsageError(
+                f"{self.path}: unknown model(s) {', '.join(unknown)}; "
+                f"the manifest has: {', '.join(self.models)}"
+            )
+        return [self.models[n] for n in dict.fromkeys(names)]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D102 - PyYAML hook
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ManifestError(f"duplicate key {key!r} at line {mark.line + 1}")
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def _format_validation(path: Path, raw: dict[str, Any], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = ""
+        if len(loc) >= 2 and loc[0] == "models":
+            where = f"model {loc[1]!r}"
+            loc = loc[2:]
+            # Errors from the model-level validator carry no field; say so.
+        field = ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "literal_error":
+            msg = f"invalid value {e.get('input')!r}; " + msg.replace("Input should be", "valid:")
+        parts = [p for p in (where, f"field {field!r}" if field else "") if p]
+        lines.append(f"{path}: {', '.join(parts) + ': ' if parts else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_manifest(text: str, path: Path) -> Manifest:
+    """Parse manifest text; relative weights paths resolve against `path`'s folder.
+
+    Raises ManifestError naming the file, the model and the field.
+    """
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except ManifestError as err:
+        raise ManifestError(f"{path}: {err}") from err
+    except yaml.constructor.ConstructorError as err:
+        raise ManifestError(
+            f"{path}: unsupported YAML tag at line {err.problem_mark.line + 1} "
+            f"({err.problem}); manifests are plain YAML, Python tags are refused"
+        ) from err
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a mapping with 'version' and 'models', got {type(raw).__name__}")
+    models = raw.get("models")
+    if isinstance(models, dict):
+        if not models:
+            raise ManifestError(f"{path}: 'models' is empty")
+        for name, body in models.items():
+            if not isinstance(body, dict):
+                raise ManifestError(f"{path}: model {name!r}: expected a mapping of fields")
+            if "name" in body:
+                raise ManifestError(f"{path}: model {name!r}: field 'name': unknown field (the key is the name)")
+            body["name"] = name
+            weights = body.get("weights")
+            if isinstance(weights, str):
+                body["weights"] = (path.parent / weights).absolute()
+    try:
+        manifest = Manifest.model_validate(
+            {**raw, "path": path, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        )
+    except ValidationError as err:
+        raise ManifestError(_format_validation(path, raw, err)) from err
+    for spec in manifest.models.values():
+        if not spec.weights.exists():
+            raise ManifestError(f"{path}: model {spec.name!r}: weights file not found: {spec.weights}")
+    return manifest
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file. Raises ManifestError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ManifestError(f"{path}: manifest not found (use -m or $LEGITSEG_MANIFEST)") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read manifest: {err}") from err
+    return parse_manifest(text, path)

@@ -1,0 +1,189 @@
+"""sha256 pinning and safe loading of weights files (SPEC section 3).
+
+The hash is checked on the bytes that a loader will read, before any loader sees
+them; pickles are only ever opened with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from legitseg.errors import WeightsError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read, so `models hash` stays light
+    import torch
+
+SAFETENSORS_SUFFIXES = {".safetensors"}
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
+NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+PREFIXES = ("module.", "model.", "_orig_mod.")
+PRETRAINED_FILE = "model.safetensors"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hashed_file(weights: Path) -> Path:
+    """The file whose sha256 the manifest pins: the file itself, or a save_pretrained dir's model.safetensors."""
+    return weights / PRETRAINED_FILE if weights.is_dir() else weights
+
+
+def read_verified(weights: Path, expected: str, model: str) -> bytes:
+    """The pinned file's bytes, after checking that their sha256 equals `expected`.
+
+    Loaders parse these very bytes, so nothing can change the file between the
+    check and the load. Raises WeightsError.
+    """
+    target = hashed_file(weights)
+    try:
+        data = target.read_bytes()
+    except OSError as err:
+        raise WeightsError(f"model {model!r}: cannot read weights {target}: {err.strerror or err}") from err
+    _compare(target, hashlib.sha256(data).hexdigest(), expected, model)
+    return data
+
+
+def verify_sha256(weights: Path, expected: str, model: str) -> None:
+    """Raise WeightsError unless the pinned file exists and its sha256 equals `expected` (streams the file)."""
+    target = hashed_file(weights)
+    try:
+        actual = sha256_file(target)
+    except OSError as err:
+        raise WeightsError(f"model {model!r}: cannot read weights {target}: {err.strerror or err}") from err
+    _compare(target, actual, expected, model)
+
+
+def _compare(target: Path, actual: str, expected: str, model: str) -> None:
+    if actual != expected:
+        raise WeightsError(
+            f"model {model!r}: sha256 mismatch for {target}: manifest pins {expected}, "
+            f"file has {actual}. Refusing to load it."
+        )
+
+
+def parse_state_dict(data: bytes, weights: Path, model: str) -> dict[str, torch.Tensor]:
+    """Tensors from verified bytes of a weights file or a save_pretrained folder's model.safetensors.
+
+    Raises WeightsError for unknown formats, refused pickles or content that is not a state_dict.
+    """
+    if weights.is_dir():
+        return _parse_safetensors(data, weights / PRETRAINED_FILE, model)
+    suffix = weights.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _parse_safetensors(data, weights, model)
+    if suffix in PICKLE_SUFFIXES:
+        return _parse_pickle(data, weights, model)
+    raise WeightsError(
+        f"model {model!r}: unsupported weights format {weights.name!r}; accepted: "
+        ".safetensors, .pt/.pth/.ckpt/.bin (torch.save state_dict), or an smp save_pretrained folder"
+    )
+
+
+def _parse_safetensors(data: bytes, path: Path, model: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"model {model!r}: {path} is not a valid safetensors file: {err}") from err
+
+
+def _parse_pickle(data: bytes, path: Path, model: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"model {model!r}: {path} holds objects other than tensors and plain containers "
+            f"(weights_only=True refused it: {first}). legitseg never runs code from a weights file; "
+            "save a plain state_dict or use safetensors."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise WeightsError(f"model {model!r}: cannot read {path} as a torch checkpoint: {err}") from err
+    return _extract_state_dict(obj, path, model)
+
+
+def _extract_state_dict(obj: Any, path: Path, model: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in NESTED_KEYS:
+            if key in obj and isinstance(obj[key], dict) and _is_state_dict(obj[key]):
+                return obj[key]
+        raise WeightsError(
+            f"model {model!r}: {path} is a dict without tensors at the top level or under "
+            f"{', '.join(NESTED_KEYS)} (top-level keys: {', '.join(map(str, list(obj)[:8]))})"
+        )
+    if not isinstance(obj, dict):
+        raise WeightsError(f"model {model!r}: {path} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def _is_state_dict(d: dict) -> bool:
+    import torch
+
+    return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (`module.` from DataParallel, `model.` from Lightning, `_orig_mod.` from compile)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if key.startswith(p):
+                    key = key[len(p):]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], model: str, source: Path) -> None:
+    """Load `state` into `module`; any missing, unexpected or mis-shaped tensor is a WeightsError listing them."""
+    state = clean_keys(state)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+                parts.append(f"{title}: {shown}")
+        raise WeightsError(
+            f"model {model!r}: weights {source} do not fit the manifest's model "
+            f"(check arch, encoder, classes, in_channels, arch_params): " + "; ".join(parts)
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def read_pretrained_config(folder: Path, model: str) -> dict[str, Any]:
+    """The config.json of an smp save_pretrained folder."""
+    cfg = folder / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise WeightsError(f"model {model!r}: {folder} has no config.json (not an smp save_pretrained folder)") from err
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"model {model!r}: cannot read {cfg}: {err}") from err
+    if not isinstance(data, dict):
+        raise WeightsError(f"model {model!r}: {cfg} is not a JSON object")
+    return data
