@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from legitseg import __version__
@@ -56,7 +57,7 @@ def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def _fail(err: LegitsegError) -> typer.Exit:
-    err_console.print(f"[bold red]legitseg: error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]legitseg: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(err.exit_code)
 
 
@@ -131,9 +132,10 @@ def models_check(
     m = _load(manifest)
     specs = m.select(_split(models))
     table = Table(title=f"{m.path}", title_justify="left")
-    for col in ("model", "result", "build s", "parameters", "weights MB", "output", "problem"):
-        table.add_column(col, overflow="fold")
+    for col in ("model", "result", "build s", "parameters", "weights MB", "output"):
+        table.add_column(col, no_wrap=col in ("model", "result"))
     failed = 0
+    problems: list[str] = []
     for spec in specs:
         r = check_model(spec)
         failed += not r.ok
@@ -143,9 +145,13 @@ def models_check(
             f"{r.parameters:,}" if r.parameters is not None else "-",
             f"{r.weight_bytes / 1e6:.1f}" if r.weight_bytes is not None else "-",
             f"{list(r.output_shape)} {r.dtype}" if r.output_shape else "-",
-            r.error or "",
         )
+        if r.error:
+            problems.append(f"{r.name}: {r.error}")
     Console().print(table)
+    for line in problems:
+        # Plain lines, never folded, so that cron logs keep each message whole.
+        sys.stderr.write(f"legitseg: FAILED {line}\n")
     if failed:
         err_console.print(f"legitseg: {failed} of {len(specs)} model(s) failed the check")
         raise typer.Exit(EXIT_INTEGRITY)
@@ -192,6 +198,25 @@ def info(
         from legitseg._smp_names import ENCODERS
 
         typer.echo("\n".join(ENCODERS) + "\n(plus tu-<any timm model name>)")
+
+
+# -- export ---------------------------------------------------------------------------
+@app.command("export")
+@handles_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Name of the manifest's model to export")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write; its sidecar NAME.json goes beside it")],
+    manifest: ManifestOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
+) -> None:
+    """Export one model to ONNX with a JSON sidecar of its preprocessing and output semantics."""
+    from legitseg.export import export_model
+
+    _setup_logging(quiet)
+    (spec,) = _load(manifest).select([model])
+    result = export_model(spec, out)
+    typer.echo(f"{result.onnx_path}  sha256 {result.onnx_sha256}  parity {result.parity:.2g}")
+    typer.echo(str(result.sidecar_path))
 
 
 # -- run ------------------------------------------------------------------------------
@@ -276,7 +301,9 @@ def run(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass [default: 16 on CUDA, 4 on CPU]")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode threads; 0 decodes inline [default: by device and cores]")] = None,
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (CUDA only) | bf16")] = "fp32",
-    backend: Annotated[str, typer.Option(help="auto | torch | onnxruntime")] = "auto",
+    backend: Annotated[str | None, typer.Option(
+        help="auto | torch | onnxruntime; auto = onnxruntime on the CPU, torch on CUDA "
+             "[default: each model's manifest `backend`, itself auto by default]")] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write float16 probability maps (.npz)")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = 100_000_000,
@@ -296,12 +323,12 @@ def run(
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet) -> int:
-    from legitseg.pipeline.engine import ImageOutcome
     from legitseg.run import Finished, Planned, RunConfig, Skipped, Started, execute
+    from legitseg.writers import ImageOutcome
 
     if precision not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
-    if backend not in ("auto", "torch", "onnxruntime"):
+    if backend is not None and backend not in ("auto", "torch", "onnxruntime"):
         raise UsageError(f"--backend {backend!r}: choose auto, torch or onnxruntime")
     m = _load(manifest)
     specs = m.select(_split(models))

@@ -8,6 +8,7 @@ encoder settings that ship inside smp and timm.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -72,7 +73,10 @@ def _check_timm_name(spec: ModelSpec) -> None:
 
     name = spec.encoder[3:]
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:10]
+        # Spelling neighbours first (resnet51 -> resnet50); else names sharing the first word.
+        stem = name.split(".")[0]
+        close = difflib.get_close_matches(stem, timm.list_models(), n=8, cutoff=0.6)
+        close = close or timm.list_models(f"*{stem.split('_')[0]}*")[:10]
         raise ManifestError(
             f"model {spec.name!r}: field 'encoder': unknown timm model {name!r} in {spec.encoder!r}"
             + (f"; similar: {', '.join(close)}" if close else "")
@@ -158,13 +162,15 @@ def check_pretrained_config(spec: ModelSpec, config: dict) -> None:
                 diffs.append(f"{key}: manifest {want!r}, config.json has none")
             continue
         have = config[key]
+        # Compared loosely (class name case, JSON list vs YAML list/tuple) but reported as written.
+        have_cmp, want_cmp = have, want
         if key == "_model_class":
-            have, want = str(have).lower(), str(want).lower()
+            have_cmp, want_cmp = str(have).lower(), str(want).lower()
         if isinstance(have, list):
-            have = tuple(have)
-            want = tuple(want) if isinstance(want, list | tuple) else want
-        if have != want:
-            diffs.append(f"{key}: manifest {want!r}, config.json {config[key]!r}")
+            have_cmp = tuple(have)
+            want_cmp = tuple(want) if isinstance(want, list | tuple) else want
+        if have_cmp != want_cmp:
+            diffs.append(f"{key}: manifest {want!r}, config.json {have!r}")
     if diffs:
         raise WeightsError(
             f"model {spec.name!r}: {spec.weights}/config.json disagrees with the manifest: " + "; ".join(diffs)

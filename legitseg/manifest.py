@@ -8,6 +8,7 @@ the factory, which has timm at hand.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from pathlib import Path
@@ -32,11 +33,11 @@ _ARCH_BY_LOWER = {a.lower(): a for a in ARCHITECTURES}
 # Fields of smp.create_model that the manifest owns, plus options that would change
 # what the model returns (activation, aux head) or make smp download weights.
 FORBIDDEN_ARCH_PARAMS = {
-    "encoder_weights": "would make smp download pretrained weights; legitseg only loads local weights",
-    "encoder_name": "is set by the manifest field 'encoder'",
-    "in_channels": "is set by the manifest field 'in_channels'",
-    "classes": "is set by the manifest field 'classes'",
-    "arch": "is set by the manifest field 'arch'",
+    "encoder_weights": "it would make smp download pretrained weights; legitseg only loads local weights",
+    "encoder_name": "it is set by the manifest field 'encoder'",
+    "in_channels": "it is set by the manifest field 'in_channels'",
+    "classes": "it is set by the manifest field 'classes'",
+    "arch": "it is set by the manifest field 'arch'",
     "activation": "legitseg applies the activation itself (SPEC 4.3)",
     "aux_params": "legitseg reads only the mask output; use a severity model for classification",
 }
@@ -84,12 +85,21 @@ class ModelSpec(BaseModel):
     class_values: tuple[float, ...] | None = None
     pooling: Literal["avg", "max"] = "avg"
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # Largest allowed difference in probabilities between ONNX Runtime and torch (docs/onnx.md).
+    parity_tolerance: float = Field(1e-4, gt=0.0, le=1.0)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError(f"model name {v!r} must match [a-z0-9_-]+")
+        return v
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha_type(cls, v: Any) -> Any:
+        if isinstance(v, int | float):
+            raise ValueError("sha256 was read as a number (YAML drops leading zeros); write it in quotes")
         return v
 
     @field_validator("sha256")
@@ -114,7 +124,8 @@ class ModelSpec(BaseModel):
     def _encoder(cls, v: str) -> str:
         if v.startswith("tu-") or v in ENCODERS:
             return v
-        close = [e for e in ENCODERS if e.split("-")[0] == v.split("-")[0]][:12]
+        family = [e for e in ENCODERS if e.split("-")[0] == v.split("-")[0]]
+        close = list(dict.fromkeys(family + difflib.get_close_matches(v, ENCODERS, n=6, cutoff=0.75)))[:12]
         hint = f"similar: {', '.join(close)}; " if close else ""
         raise ValueError(
             f"unknown encoder {v!r}; {hint}valid: any of smp's {len(ENCODERS)} encoders "
@@ -126,7 +137,7 @@ class ModelSpec(BaseModel):
     def _arch_params(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
             if key in FORBIDDEN_ARCH_PARAMS:
-                raise ValueError(f"arch_params.{key} is not allowed: it {FORBIDDEN_ARCH_PARAMS[key]}")
+                raise ValueError(f"arch_params.{key} is not allowed: {FORBIDDEN_ARCH_PARAMS[key]}")
         return v
 
     @model_validator(mode="after")
@@ -210,15 +221,42 @@ class Manifest(BaseModel):
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
-    def construct_mapping(self, node, deep=False):  # noqa: D102 - PyYAML hook
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                mark = key_node.start_mark
-                raise ManifestError(f"duplicate key {key!r} at line {mark.line + 1}")
-            seen[key] = True
-        return super().construct_mapping(node, deep=deep)
+    def construct_document(self, node):  # noqa: D102 - PyYAML hook
+        # Checked on the node tree, where the path to each key is known, so that the
+        # message can name the model and field rather than only a line number.
+        _refuse_duplicate_keys(node, (), set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: tuple[str, ...], visited: set[int]) -> None:
+    if id(node) in visited:  # an alias to a node already checked (or a recursive one)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _refuse_duplicate_keys(child, where, visited)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        line = key_node.start_mark.line + 1
+        if key is not None and key in first_line:
+            if where == ():
+                what = f"duplicate top-level key {key!r}"
+            elif where == ("models",):
+                what = f"duplicate model name {key!r}"
+            elif len(where) >= 2 and where[0] == "models":
+                inner = ".".join(where[2:])
+                what = (f"model {where[1]!r}, field {inner!r}: duplicate key {key!r}" if inner
+                        else f"model {where[1]!r}: duplicate field {key!r}")
+            else:
+                what = f"field {'.'.join(where)!r}: duplicate key {key!r}"
+            raise ManifestError(f"{what} at line {line} (first at line {first_line[key]})")
+        if key is not None:
+            first_line[key] = line
+        _refuse_duplicate_keys(value_node, (*where, str(key)), visited)
 
 
 def _format_validation(path: Path, raw: dict[str, Any], err: ValidationError) -> str:
@@ -259,6 +297,13 @@ def parse_manifest(text: str, path: Path) -> Manifest:
         raise ManifestError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a mapping with 'version' and 'models', got {type(raw).__name__}")
+    # Checked here, not only by pydantic: 'path' and 'sha256' are Manifest fields that
+    # legitseg fills in, so a top-level 'sha256:' in the file would otherwise be ignored.
+    unknown = [str(k) for k in raw if k not in ("version", "models")]
+    if unknown:
+        raise ManifestError(
+            f"{path}: field {unknown[0]!r}: unknown field; valid top-level fields: version, models"
+        )
     models = raw.get("models")
     if isinstance(models, dict):
         if not models:

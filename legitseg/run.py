@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legitseg.errors import ImageError, LegitsegError
+from legitseg.errors import ImageError, LegitsegError, UsageError
 from legitseg.lock import OutputLock
 from legitseg.manifest import Manifest, ModelSpec
 from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes, sha256_bytes
@@ -45,7 +45,7 @@ class RunConfig:
     workers: int | None = None
     writers: int = 2
     precision: str = "fp32"
-    backend: str = "auto"
+    backend: str | None = None  # auto | torch | onnxruntime; None: each model's manifest `backend`
     save_probabilities: bool = False
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -128,89 +128,120 @@ def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: b
 def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     """Run the whole job, yielding Planned, Skipped, Started, ImageOutcome and finally Finished.
 
+    Order matters for what a failure leaves behind: weights hashes (exit 3) and
+    INPUT arguments (exit 2) are checked before OUT is touched; an OUT that already
+    exists is locked at once (exit 5); models are built (exit 3) before anything
+    is written; only then is OUT created and written to.
     Raises LegitsegError subclasses; their exit codes are SPEC section 6's.
     """
-    from legitseg.pipeline.infer import check_precision, choose_device
-    from legitseg.provenance import command_line, versions
-
     started_at = time.time()
-    device = choose_device(cfg.device)
-    check_precision(cfg.precision, device)
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
     for spec in cfg.models:
         verify_sha256(spec.weights, spec.sha256, spec.name)
     sources = discover(cfg.inputs, cfg.stdin_lines)
-    workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
-    batch_size = cfg.batch_size or (16 if device.type == "cuda" else 4)
-
     lock = OutputLock(cfg.out)
-    lock.acquire()
-    counts = {"processed": 0, "skipped": 0, "failed": 0}
-    status = "failed"
-    run_info: dict[str, Any] = {}
     try:
-        removed = remove_stale_tmp(cfg.out)
-        if removed:
-            log.info("removed %d temporary file(s) left by an interrupted run", removed)
-        todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(workers, 2))
-        counts["skipped"] = len(skipped)
+        if cfg.out.exists():
+            lock.acquire()
+        yield from _execute_locked(cfg, stop, sources, lock, started_at)
+    finally:
+        lock.release()
+
+
+def _execute_locked(cfg: RunConfig, stop: threading.Event, sources: list[Source], lock: OutputLock,
+                    started_at: float) -> Iterator[Any]:
+    # torch (and the device it finds) is imported only when there is work: a rerun with
+    # nothing to do stays a matter of hashing files.
+    device_type = "cpu" if cfg.device == "cpu" else "cuda" if cfg.device.startswith("cuda") else "cpu"
+    settings = {"device": None, "batch_size": cfg.batch_size,
+                "workers": cfg.workers if cfg.workers is not None else default_workers(device_type)}
+    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings["workers"], 2))
+    runners: list = []
+    if todo and not stop.is_set():
+        from legitseg.pipeline.infer import check_precision, choose_device
+
+        device = choose_device(cfg.device)
+        check_precision(cfg.precision, device)
+        settings["device"] = str(device)
+        if cfg.workers is None:
+            settings["workers"] = default_workers(device.type)
+        settings["batch_size"] = cfg.batch_size or (16 if device.type == "cuda" else 4)
+        runners = _build_runners(cfg, device)
+    if not lock.held:
+        lock.acquire()
+    removed = remove_stale_tmp(cfg.out)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+
+    counts = {"processed": 0, "skipped": len(skipped), "failed": 0}
+    status = "failed"
+    try:
         yield Planned(len(sources), len(todo), len(skipped))
         selected = {s.name for s in cfg.models}
         for source, record in skipped:
             yield Skipped(source, [r for r in record_rows(record) if r["model"] in selected])
-        run_info = {"device": str(device), "models": {}}
-        if todo and not stop.is_set():
-            runners = _build_runners(cfg, device)
-            run_info["models"] = {
-                r.name: {"weights": str(r.loaded.spec.weights), "weights_sha256": r.loaded.spec.sha256,
-                         "backend": r.backend, "parity": r.parity, "build_seconds": round(r.loaded.build_seconds, 3)}
-                for r in runners
-            }
-            yield Started(str(device), {r.name: r.backend for r in runners})
+        if runners and not stop.is_set():
+            yield Started(settings["device"], {r.name: r.backend for r in runners})
             from legitseg.pipeline.engine import Engine
 
-            engine = Engine(runners, cfg.out, batch_size=batch_size, workers=workers, writers=cfg.writers,
-                            save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels,
-                            stop=stop, run_id=f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}")
+            run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}"
+            engine = Engine(runners, cfg.out, batch_size=settings["batch_size"], workers=settings["workers"],
+                            writers=cfg.writers, save_probabilities=cfg.save_probabilities,
+                            max_pixels=cfg.max_pixels, stop=stop, run_id=run_id)
             for outcome in engine.process(todo):
                 counts["processed" if outcome.ok else "failed"] += 1
                 yield outcome
         status = "interrupted" if stop.is_set() else "completed"
     finally:
-        try:
-            if status != "failed" or cfg.out.is_dir():
-                rebuild_summaries(cfg.out)
-            run_json = cfg.out / "run.json"
-            write_json(run_json, {
-                "status": status,
-                "versions": versions(),
-                "device": run_info.get("device", str(device)),
-                "precision": cfg.precision,
-                "batch_size": batch_size,
-                "workers": workers,
-                "arguments": {**cfg.arguments, "command": command_line()},
-                "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
-                "models": run_info.get("models") or {
-                    s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models},
-                "counts": counts,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
-                "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-        except LegitsegError as err:
-            log.error("could not write the run summary: %s", err)
-            if status != "failed":
-                raise
-        finally:
-            lock.release()
+        run_json = _finish(cfg, status, counts, settings, runners, started_at)
     yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json)
+
+
+def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: dict[str, Any],
+            runners: list, started_at: float) -> Path:
+    """Rebuild scores.* from the records and write run.json (also after a failure, when possible)."""
+    from legitseg.provenance import command_line, versions
+
+    models = {s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
+    for r in runners:
+        models[r.name].update(backend=r.backend, parity=r.parity,
+                              build_seconds=round(r.loaded.build_seconds, 3))
+    run_json = cfg.out / "run.json"
+    try:
+        rebuild_summaries(cfg.out)
+        write_json(run_json, {
+            "status": status,
+            "versions": versions(),
+            **settings,
+            "precision": cfg.precision,
+            "arguments": {**cfg.arguments, "command": command_line()},
+            "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
+            "models": models,
+            "counts": counts,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    except LegitsegError as err:
+        if status != "failed":
+            raise
+        # Already failing (disk full, say): the first error is the one to report.
+        log.error("could not write the run summary: %s", err)
+    return run_json
 
 
 def _build_runners(cfg: RunConfig, device) -> list:
     from legitseg.factory import load_model
+    from legitseg.onnx_backend import build_ort_runner, choose_backend
     from legitseg.pipeline.infer import TorchRunner
 
     runners = []
     for spec in cfg.models:
         loaded = load_model(spec)
-        runners.append(TorchRunner(loaded, device, cfg.precision))
+        runner = TorchRunner(loaded, device, cfg.precision)
+        if choose_backend(cfg.backend, spec, device, cfg.precision) == "onnxruntime":
+            # Exported from the verified module; torch stays the runner if the gate says no.
+            runner = build_ort_runner(loaded, runner, spec.parity_tolerance).runner
+        runners.append(runner)
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners

@@ -105,15 +105,30 @@ def _parse_pickle(data: bytes, path: Path, model: str) -> dict[str, torch.Tensor
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"model {model!r}: {path} holds objects other than tensors and plain containers "
-            f"(weights_only=True refused it: {first}). legitseg never runs code from a weights file; "
-            "save a plain state_dict or use safetensors."
+            f"(torch.load with weights_only=True refused it: {_refusal_reason(err)}). legitseg never "
+            "runs code from a weights file; save a plain state_dict or use safetensors."
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise WeightsError(f"model {model!r}: cannot read {path} as a torch checkpoint: {err}") from err
     return _extract_state_dict(obj, path, model)
+
+
+def _refusal_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that says what was refused.
+
+    torch's message opens with advice to retry with weights_only=False, which is
+    exactly what legitseg must never do, so only the reason is kept.
+    """
+    reasons = []
+    for line in str(err).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
+            reasons.append(line)
+    return " ".join(reasons) or type(err).__name__
 
 
 def _extract_state_dict(obj: Any, path: Path, model: str) -> dict[str, torch.Tensor]:

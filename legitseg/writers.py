@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import cv2
 import numpy as np
 
 from legitseg.errors import RuntimeFailure
+from legitseg.pipeline.sources import Source
 
 TMP_SUFFIX = ".legitseg-tmp"
 RECORDS = "records"
@@ -30,6 +32,19 @@ CSV_FIELDS = (
     "image", "model", "status", "error", "mask", "probability_map",
     "area_fraction", "components", "score", "grade", "probabilities", "backend",
 )
+
+
+@dataclass
+class ImageOutcome:
+    """What became of one image: its record as written, and its rows for this run's models."""
+
+    source: Source
+    record: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.record["status"] == "ok"
 
 
 def _tmp_name(final: Path) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
 from legitseg.pipeline.sources import Source
@@ -117,8 +117,30 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
+def _tiff_unassociated_alpha(data: bytes) -> np.ndarray | None:
+    """Oriented RGB of an 8-bit RGBA TIFF whose alpha is unassociated; None for any other TIFF.
+
+    OpenCV reads such files through libtiff's RGBA interface, which premultiplies the
+    colours by alpha although ExtraSamples = 2 says they are not premultiplied: a
+    half-transparent pixel would come out darker. SPEC 4.1 drops alpha, so these few
+    files are decoded by Pillow instead. Raises ImageError.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            bits, extra = tuple(im.tag_v2.get(258, ())), tuple(im.tag_v2.get(338, ()))
+            if im.mode != "RGBA" or bits != (8, 8, 8, 8) or 2 not in extra:
+                return None
+            return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"TIFF data could not be decoded: {err}") from err
+
+
 def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
     """Decode to oriented 8-bit RGB (H, W, 3)."""
+    if fmt == "TIFF":
+        rgb = _tiff_unassociated_alpha(data)
+        if rgb is not None:
+            return rgb
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV_FLAGS)
     if arr is None:
         raise ImageError(f"{fmt} data could not be decoded (corrupt or truncated)")

@@ -28,6 +28,7 @@ from legitseg.pipeline.decode import DecodedImage, load_image
 from legitseg.pipeline.infer import TorchRunner
 from legitseg.pipeline.sources import Source
 from legitseg.writers import (
+    ImageOutcome,
     atomic_write,
     encode_npz,
     encode_png,
@@ -39,19 +40,6 @@ from legitseg.writers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageOutcome:
-    """What became of one image: its record as written, and its rows for this run's models."""
-
-    source: Source
-    record: dict[str, Any]
-    rows: list[dict[str, Any]]
-
-    @property
-    def ok(self) -> bool:
-        return self.record["status"] == "ok"
 
 
 @dataclass
@@ -95,6 +83,10 @@ class Engine:
             return load_image(source, self.preps, self.max_pixels)
         except ImageError as err:
             return err
+        except Exception as err:  # noqa: BLE001 - one image must never stop the run
+            # Anything a decoder library raises for odd data is this image's failure, recorded as such.
+            log.debug("unexpected error decoding %s", source.path, exc_info=True)
+            return ImageError(f"could not decode: {type(err).__name__}: {err}")
 
     def _decoded(self, sources: list[Source]) -> Iterator[tuple[Source, DecodedImage | ImageError]]:
         """Decoded images in input order, at most `window` in flight."""
@@ -178,7 +170,7 @@ class Engine:
             return _failed_entry(runner, value)
         spec = runner.loaded.spec
         entry: dict[str, Any] = {"task": spec.task, "weights_sha256": spec.sha256, "status": "ok",
-                                 "backend": runner.backend}
+                                 "backend": runner.backend, "parity": runner.parity}
         if isinstance(value, postprocess.SeverityResult):
             entry.update(score=value.score, grade=value.grade, probabilities=value.probabilities)
             return entry

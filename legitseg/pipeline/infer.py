@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from legitseg.errors import RuntimeFailure, UsageError
-from legitseg.factory import LoadedModel
 from legitseg.pipeline.decode import Prep
+
+if TYPE_CHECKING:
+    from legitseg.factory import LoadedModel
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny real smp models, their weights files and manifests.
+
+Models use smp's own test encoder (timm `test_resnet.r160_in1k`, ~0.4M parameters)
+so that building, saving and running them takes well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TINY = "tu-test_resnet.r160_in1k"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def save_weights(module, path: Path, fmt: str = "safetensors") -> str:
+    """Save `module` in one accepted format; return the sha256 the manifest must pin."""
+    import torch
+    from safetensors.torch import save_file
+
+    from legitseg.weights import hashed_file, sha256_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    elif fmt == "pt":
+        torch.save(state, path)
+    elif fmt in ("state_dict", "model_state_dict", "model"):
+        torch.save({fmt: state, "epoch": 3}, path)
+    elif fmt == "module-prefix":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif fmt == "pretrained":
+        module.save_pretrained(str(path))
+    else:
+        raise ValueError(fmt)
+    return sha256_file(hashed_file(path))
+
+
+class ModelKit:
+    """Builds tiny models with random (seeded) weights and writes manifests for them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models: dict[str, dict] = {}
+
+    def add(self, name: str, *, task: str = "segmentation", arch: str | None = "Unet",
+            encoder: str = TINY, classes: int = 1, fmt: str = "safetensors", seed: int = 0,
+            **fields) -> dict:
+        import torch
+
+        from legitseg.factory import build_module
+        from legitseg.manifest import ModelSpec
+
+        suffix = {"safetensors": ".safetensors", "pretrained": ""}.get(fmt, ".pt")
+        weights = self.root / "weights" / f"{name}{suffix}"
+        spec_fields = dict(name=name, task=task, encoder=encoder, classes=classes,
+                           weights=weights, sha256="0" * 64, **fields)
+        if task == "segmentation":
+            spec_fields["arch"] = arch
+        if fields.get("resize", "stretch") == "stretch":
+            spec_fields.setdefault("input_size", (64, 64))
+        torch.manual_seed(seed)
+        module = build_module(ModelSpec(**spec_fields))
+        sha = save_weights(module, weights, fmt)
+        entry = {k: v for k, v in spec_fields.items() if k not in ("name", "weights", "sha256")}
+        entry = {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
+        entry.update(weights=os.path.relpath(weights, self.root), sha256=sha)
+        self.models[name] = entry
+        return entry
+
+    def write(self, name: str = "models.yaml") -> Path:
+        path = self.root / name
+        path.write_text(yaml.safe_dump({"version": 1, "models": self.models}, sort_keys=False))
+        return path
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> ModelKit:
+    return ModelKit(tmp_path)
+
+
+def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m legitseg ARGS` as a real subprocess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "legitseg", *args], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory) -> Iterator[Path]:
+    """Exported ONNX graphs go to one folder per test session, never to ~/.cache.
+
+    Session-scoped so that it is in place before module-scoped fixtures start
+    subprocesses (they inherit it); tests of the cache itself set their own folder.
+    """
+    cache = tmp_path_factory.mktemp("legitseg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEGITSEG_CACHE_DIR", str(cache))
+        yield cache
