@@ -28,6 +28,7 @@ from legitseg.errors import (
     EXIT_INTEGRITY,
     EXIT_OK,
     EXIT_SIGINT,
+    EXIT_SIGPIPE,
     EXIT_SIGTERM,
     LegitsegError,
     UsageError,
@@ -352,7 +353,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                     progress = _Progress(event.todo, quiet)
                 elif isinstance(event, Skipped):
                     if jsonl:
-                        _emit(stdout, event.rows)
+                        _emit(stdout, event.rows, signals)
                 elif isinstance(event, Started):
                     log.info("models on %s: %s", event.device,
                              ", ".join(f"{k} ({v})" for k, v in event.backends.items()))
@@ -360,7 +361,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                     if not event.ok:
                         log.warning("failed: %s: %s", event.source.path, event.record.get("error"))
                     if jsonl:
-                        _emit(stdout, event.rows)
+                        _emit(stdout, event.rows, signals)
                     progress.advance(event.ok)
                 elif isinstance(event, Finished):
                     finished = event
@@ -371,14 +372,23 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
     log.info("%s: %d processed, %d skipped, %d failed; outputs in %s",
              finished.status, finished.processed, finished.skipped, finished.failed, out)
     if finished.status == "interrupted":
-        return EXIT_SIGTERM if signals.signum == signal.SIGTERM else EXIT_SIGINT
+        return {signal.SIGTERM: EXIT_SIGTERM, signal.SIGPIPE: EXIT_SIGPIPE}.get(signals.signum, EXIT_SIGINT)
     return EXIT_IMAGES_FAILED if finished.failed else EXIT_OK
 
 
-def _emit(stream, rows) -> None:
-    for row in rows:
-        stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-    stream.flush()
+def _emit(stream, rows, signals: _Signals) -> None:
+    """Write --jsonl rows; a reader that went away (`| head`) stops the run like a signal would."""
+    if signals.signum == signal.SIGPIPE:
+        return
+    try:
+        for row in rows:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        signals.signum = signal.SIGPIPE
+        signals.stop.set()
+        log.warning("standard output was closed: stopping after the images in flight")
 
 
 def main() -> None:
@@ -388,4 +398,4 @@ def main() -> None:
     except BrokenPipeError:
         # `legitseg run --jsonl | head` closed our stdout; not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_IMAGES_FAILED)
+        sys.exit(EXIT_SIGPIPE)

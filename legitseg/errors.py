@@ -10,6 +10,7 @@ EXIT_RUNTIME = 4
 EXIT_LOCKED = 5
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGPIPE = 141  # --jsonl reader closed stdout, as a shell reports SIGPIPE
 
 
 class LegitsegError(Exception):

@@ -474,3 +474,19 @@ def test_two_clean_cpu_runs_write_byte_identical_masks(manifest, tmp_path):
     assert len(masks) == 4
     for rel in masks:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+
+
+def test_closed_stdout_stops_like_a_signal(manifest, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(12):
+        (d / f"{i:02d}.jpg").write_bytes(jpeg_bytes(photo(40, 50, i)))
+    out = tmp_path / "out"
+    cmd = (f"{sys.executable} -m legitseg run {d} -m {manifest} -o {out} --jsonl --batch-size 1 "
+           "--backend torch | head -1; echo ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    first, code = r.stdout.splitlines()
+    assert json.loads(first)["image"].endswith("00.jpg")
+    assert code == "141", r.stderr
+    assert "Traceback" not in r.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"

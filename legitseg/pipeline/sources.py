@@ -4,7 +4,8 @@ Naming rule (docs/output-format.md): an image's name is its path relative to the
 root it was found under, file suffix kept (`visit1/a.jpg`), so `a.jpg` and
 `a.png` in one folder never collide. A folder INPUT is its own root; a file INPUT
 and each path read from stdin have their parent folder as root, so their name is
-the file name. If two different files still end up with one name (the same
+the file name. Folder searches skip hidden files and folders (names starting
+with "."); a hidden file named explicitly is processed. If two different files still end up with one name (the same
 relative path under two roots), each of them gets `~<8 hex>` of the sha1 of its
 absolute path appended, which does not depend on input order.
 """
@@ -39,13 +40,16 @@ def _walk(root: Path) -> list[Path]:
     found = []
     # os.walk with sorted names gives a stable, depth-first order independent of the file system.
     for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
+        # Hidden files and folders (macOS `._IMG_0001.JPG` resource forks, `.thumbnails/`) are
+        # not photographs; left in, each would fail on every cron run.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         base = Path(folder)
-        for f in sorted(files + [d for d in dirs if is_image_name(Path(d))]):
+        for f in sorted([f for f in files if not f.startswith(".")] + [d for d in dirs if is_image_name(Path(d))]):
             p = base / f
             if is_image_name(p):
                 found.append(p)
-        # A folder named like an image is reported (as a failed image), not walked into twice.
+        # A folder named like an image (`x.jpg/`) is listed, to be reported as a failed image;
+        # os.walk still searches it, so the images inside it are found as well.
     return found
 
 
