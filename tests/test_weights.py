@@ -187,9 +187,9 @@ def test_pickles_that_would_run_code_are_refused_and_never_run(tmp_path):
     assert not marker.exists()
     for name, path in (("zipped", zip_ckpt), ("raw", raw_ckpt)):
         assert (f"model '{name}': {path} holds objects other than tensors and plain containers "
-                "(torch.load with weights_only=True refused it: ") in r.stdout
-    assert "GLOBAL posix.system" in r.stdout or "GLOBAL os.system" in r.stdout
-    assert "weights_only` set to `False`" not in r.stdout  # torch's advice to disable the guard is dropped
+                "(torch.load with weights_only=True refused it: ") in r.stderr
+    assert "GLOBAL posix.system" in r.stderr or "GLOBAL os.system" in r.stderr
+    assert "weights_only` set to `False`" not in r.stderr  # torch's advice to disable the guard is dropped
     assert "2 of 2 model(s) failed the check" in r.stderr
     # Control: the payload is live, so the absent marker above means something.
     pickle.loads(raw_ckpt.read_bytes())

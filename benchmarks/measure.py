@@ -1,0 +1,388 @@
+"""The three measurements of the benchmark, and a serial stage profile of legitseg's own steps.
+
+(a) `forward_bound`: the model's forward pass on ready tensors, best layout and batch.
+(b) `researcher_loop`: imread -> resize -> normalise -> model(x[None]) -> sigmoid ->
+    resize back -> imwrite, fp32, batch 1, contiguous, inference_mode.
+(c) `legitseg_run`: `python -m legitseg run` as a subprocess; start-up and steady state
+    from the modification times of the per-image records (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def time_calls(call: Callable[[], object], device: torch.device, min_time: float,
+               min_iters: int = 2, warmup: int = 1) -> tuple[int, float]:
+    """(iterations, seconds) of repeated `call()` after `warmup` calls, lasting at least `min_time`.
+
+    The number of iterations is estimated from the last warm-up call, so the device
+    is synchronised only around the timed block (no per-call bubble on a GPU).
+    """
+    t_one = 0.0
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        call()
+        sync(device)
+        t_one = time.perf_counter() - t0
+    iters = max(min_iters, math.ceil(min_time / max(t_one, 1e-6)))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    sync(device)
+    return iters, time.perf_counter() - t0
+
+
+# -- (a) the forward bound --------------------------------------------------------------------
+@dataclass
+class ForwardBound:
+    """Images/s of the bare forward pass per (variant, batch); `best` picks the fastest."""
+
+    model: str
+    backend: str  # torch | onnxruntime
+    device: str
+    precision: str
+    threads: int
+    grid: dict[str, dict[int, float]] = field(default_factory=dict)  # variant -> batch -> img/s
+    note: str = ""
+
+    @property
+    def best(self) -> tuple[str, int, float]:
+        return max(((v, b, r) for v, row in self.grid.items() for b, r in row.items()), key=lambda t: t[2])
+
+    def as_dict(self) -> dict:
+        variant, batch, rate = self.best
+        return {**asdict(self), "grid": {v: {str(b): round(r, 3) for b, r in row.items()}
+                                         for v, row in self.grid.items()},
+                "best_variant": variant, "best_batch": batch, "best_img_s": round(rate, 3)}
+
+
+def forward_bound(module: torch.nn.Module, name: str, in_channels: int, size: tuple[int, int],
+                  device: torch.device, precision: str, batch_sizes: list[int], min_time: float,
+                  half_weights: bool = False) -> ForwardBound:
+    """Time `module` on random ready tensors for each layout x batch size.
+
+    fp16/bf16 use torch.autocast, as legitseg does; with `half_weights` (CUDA fp16)
+    a copy of the model in half precision is timed too, as a bound legitseg might reach.
+    """
+    result = ForwardBound(name, "torch", str(device), precision, torch.get_num_threads())
+    h, w = size
+    variants: list[tuple[str, torch.nn.Module, torch.memory_format, torch.dtype]] = []
+    for layout, fmt in LAYOUTS.items():
+        variants.append((layout, module, fmt, torch.float32))
+    if half_weights:
+        half = copy.deepcopy(module).half()
+        for layout, fmt in LAYOUTS.items():
+            variants.append((f"{layout}+half", half, fmt, torch.float16))
+    for variant, mod, fmt, in_dtype in variants:
+        mod.to(device, memory_format=fmt)
+        amp = precision if in_dtype == torch.float32 else "fp32"  # half weights need no autocast
+        row: dict[int, float] = {}
+        for b in batch_sizes:
+            x = torch.randn(b, in_channels, h, w, device=device, dtype=in_dtype).contiguous(memory_format=fmt)
+
+            def call(x=x, mod=mod, amp=amp):
+                with torch.inference_mode(), _autocast(device, amp):
+                    return mod(x)
+
+            iters, seconds = time_calls(call, device, min_time, warmup=2 if device.type == "cuda" else 1)
+            row[b] = b * iters / seconds
+            del x
+        result.grid[variant] = row
+    module.to(device, memory_format=torch.contiguous_format)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def ort_forward_bound(session, name: str, in_channels: int, size: tuple[int, int], batch_sizes: list[int],
+                      min_time: float, threads: int) -> ForwardBound:
+    """Time an ONNX Runtime session (contiguous NCHW float32 only) for each batch size."""
+    result = ForwardBound(name, "onnxruntime", "cpu", "fp32", threads)
+    input_name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    row: dict[int, float] = {}
+    for b in batch_sizes:
+        x = rng.standard_normal((b, in_channels, *size), dtype=np.float32)
+        iters, seconds = time_calls(lambda x=x: session.run(None, {input_name: x}), torch.device("cpu"), min_time)
+        row[b] = b * iters / seconds
+    result.grid["contiguous"] = row
+    return result
+
+
+def combined_rate(rates: list[float]) -> float:
+    """Images/s when every image goes through each of several models in turn: 1 / sum(1/r)."""
+    return 1.0 / sum(1.0 / r for r in rates)
+
+
+# -- (b) the researcher's loop ----------------------------------------------------------------
+@dataclass
+class LoopModel:
+    """What the loop needs of one model: the module, its input size, mean/std and task."""
+
+    name: str
+    module: torch.nn.Module
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task: str
+
+
+@dataclass
+class LoopResult:
+    images: int  # timed images (after the warm-up ones)
+    seconds: float
+    img_s: float
+    stages_ms: dict[str, float]  # mean per image
+
+
+def researcher_loop(models: list[LoopModel], files: list[Path], out: Path, device: torch.device,
+                    warmup: int = 1) -> LoopResult:
+    """The loop a researcher writes first, one image at a time; each stage is timed.
+
+    Severity models append their softmax to a list instead of writing a mask.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        m.module.to(device, memory_format=torch.contiguous_format)
+    stages = dict.fromkeys(("read", "preprocess", "forward", "postprocess", "write"), 0.0)
+    scores = []
+    timed, t_start = 0, 0.0
+    for i, path in enumerate(files):
+        if i == warmup:
+            stages = dict.fromkeys(stages, 0.0)
+            t_start = time.perf_counter()
+        t0 = time.perf_counter()
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        height, width = image.shape[:2]
+        stages["read"] += time.perf_counter() - t0
+        for m in models:
+            t0 = time.perf_counter()
+            x = cv2.resize(image, (m.size[1], m.size[0]), interpolation=cv2.INTER_LINEAR)
+            x = (x.astype(np.float32) / 255.0 - np.float32(m.mean)) / np.float32(m.std)
+            x = torch.from_numpy(x.transpose(2, 0, 1).copy()).to(device)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                y = m.module(x[None])
+            sync(device)
+            t2 = time.perf_counter()
+            if m.task == "severity":
+                scores.append(torch.softmax(y, dim=1)[0].cpu().numpy())
+                stages["preprocess"] += t1 - t0
+                stages["forward"] += t2 - t1
+                stages["postprocess"] += time.perf_counter() - t2
+                continue
+            prob = torch.sigmoid(y)[0, 0].cpu().numpy()
+            prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+            mask = (prob > 0.5).astype(np.uint8) * 255
+            t3 = time.perf_counter()
+            cv2.imwrite(str(out / f"{path.stem}_{m.name}.png"), mask)
+            stages["preprocess"] += t1 - t0
+            stages["forward"] += t2 - t1
+            stages["postprocess"] += t3 - t2
+            stages["write"] += time.perf_counter() - t3
+        timed += i >= warmup
+    seconds = time.perf_counter() - t_start
+    n = max(timed, 1)
+    return LoopResult(timed, seconds, timed / seconds if seconds else 0.0,
+                      {k: 1000 * v / n for k, v in stages.items()})
+
+
+# -- (c) legitseg run ---------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    images: int
+    wall_s: float  # process start to exit
+    startup_s: float  # process start to the first record written
+    steady_img_s: float  # images after the first K, over the time they took
+    k: int
+    peak_rss_mb: float
+    batch_size: int | None
+    workers: int | None
+    backends: dict[str, str]
+    command: list[str]
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def legitseg_command(manifest: Path, models: list[str], images: Path, out: Path, device: str,
+                     precision: str, backend: str, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "legitseg", "run", str(images), "-m", str(manifest), "--models",
+            ",".join(models), "-o", str(out), "--device", device, "--precision", precision,
+            "--backend", backend, "--quiet", *(extra or [])]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a legitseg subprocess: this repo first on PYTHONPATH (works uninstalled)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _peak_rss(pid: int) -> int:
+    """Bytes: the process's own high-water RSS (VmHWM) plus its children's current RSS.
+
+    Not the ru_maxrss of wait4: a child inherits the parent's high-water mark at
+    fork, so it would report this (large) benchmark process instead of legitseg.
+    VmHWM belongs to the process's own address space after exec and only grows,
+    so the last reading before exit is the peak up to the last 50 ms.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        children = sum(c.memory_info().rss for c in proc.children(recursive=True))
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+        return (hwm if hwm is not None else proc.memory_info().rss) + children
+    except (psutil.Error, OSError):  # exited between the calls, or no /proc (not Linux)
+        return 0
+
+
+def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 3600) -> RunResult:
+    """Run one `legitseg run` subprocess over a fresh OUT and time it.
+
+    Start-up: from just before the process is spawned to the modification time of
+    the first record; steady state: (N - K) / (t_N - t_K) over the sorted record
+    times, K being the first batch by default (its images carry the warm-up, and
+    records arrive a batch at a time). Peak RSS: see `_peak_rss`, sampled every 50 ms. Raises RunFailed when
+    the run fails or writes fewer records than expected.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.stderr.log"
+    with open(log_path, "wb") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
+                                env=env or child_env())
+        deadline = time.monotonic() + timeout
+        peak = 0
+        while True:
+            peak = max(peak, _peak_rss(proc.pid))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, status, _ = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        t_end = time.time()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RunFailed(f"`{' '.join(command)}` exited {proc.returncode}:\n{tail}")
+    times = sorted(p.stat().st_mtime_ns / 1e9 for p in (out / "records").rglob("*.json"))
+    if len(times) != expected:
+        raise RunFailed(f"`{' '.join(command)}` wrote {len(times)} records, expected {expected}")
+    run_json = json.loads((out / "run.json").read_text())
+    k = k or run_json.get("batch_size") or 1
+    if not 1 <= k < expected:
+        raise RunFailed(f"{expected} images leave no steady state after the first {k} (a batch); use more")
+    span = times[-1] - times[k - 1]
+    steady = (expected - k) / span if span > 0 else float("nan")
+    models = run_json.get("models", {})
+    return RunResult(
+        images=expected, wall_s=t_end - t0, startup_s=times[0] - t0, steady_img_s=steady, k=k,
+        peak_rss_mb=peak / 2**20, batch_size=run_json.get("batch_size"),
+        workers=run_json.get("workers"),
+        backends={m: v.get("backend", "torch") for m, v in models.items()}, command=command)
+
+
+# -- legitseg's own steps, one image at a time --------------------------------------------------
+def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, device: torch.device,
+                    precision: str, warmup: int = 1) -> dict[str, float]:
+    """Mean ms per image of each step of legitseg's pipeline, run serially with its own functions.
+
+    read+hash, header check, decode, resize (prepare), forward (normalise included),
+    postprocess (upsample, activation, mask, areas, components), PNG encode, and the
+    atomic writes (mask + record, each fsync'ed). The engine overlaps these stages;
+    this says what each one costs.
+    """
+    from legitseg.factory import load_model
+    from legitseg.manifest import load_manifest
+    from legitseg.pipeline import postprocess
+    from legitseg.pipeline.decode import (
+        DEFAULT_MAX_PIXELS,
+        check_header,
+        decode_rgb,
+        prepare,
+        read_bytes,
+        sha256_bytes,
+    )
+    from legitseg.pipeline.infer import TorchRunner
+    from legitseg.writers import atomic_write, encode_png, write_record
+
+    spec = load_manifest(manifest).select([name])[0]
+    runner = TorchRunner(load_model(spec), device, precision)
+    shutil.rmtree(out, ignore_errors=True)
+    stages = dict.fromkeys(("read+hash", "header", "decode", "resize", "forward", "postprocess",
+                            "png encode", "write+fsync"), 0.0)
+    n = 0
+    for i, path in enumerate(files):
+        if i == warmup:
+            stages = dict.fromkeys(stages, 0.0)
+        t = [time.perf_counter()]
+        data = read_bytes(path)
+        digest = sha256_bytes(data)
+        t.append(time.perf_counter())
+        fmt = check_header(data, DEFAULT_MAX_PIXELS)
+        t.append(time.perf_counter())
+        rgb = decode_rgb(data, fmt)
+        t.append(time.perf_counter())
+        arr = prepare(rgb, runner.prep)
+        t.append(time.perf_counter())
+        logits = runner.logits([arr])
+        if device.type == "cpu":
+            logits = logits.cpu()
+        sync(device)
+        t.append(time.perf_counter())
+        if spec.task == "severity":
+            result = postprocess.severity(logits[0], spec)
+            png = None
+        else:
+            result = postprocess.segmentation(logits[0], rgb.shape[:2], spec, False)
+        t.append(time.perf_counter())
+        if spec.task != "severity":
+            png = encode_png(result.mask)
+        t.append(time.perf_counter())
+        if png is not None:
+            atomic_write(out / "masks" / f"{path.name}.png", png)
+        write_record(out, path.name, {"image": str(path), "sha256": digest, "status": "ok"})
+        t.append(time.perf_counter())
+        for key, a, b in zip(stages, t[:-1], t[1:], strict=True):
+            stages[key] += b - a
+        n += i >= warmup
+    return {k: 1000 * v / max(n, 1) for k, v in stages.items()}

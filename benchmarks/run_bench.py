@@ -1,0 +1,421 @@
+"""`make bench`: legitseg run against the forward bound and a researcher's loop.
+
+    .venv/bin/python benchmarks/run_bench.py                 # CPU rows (+ GPU rows if CUDA), ~10-15 min
+    .venv/bin/python benchmarks/run_bench.py --quick         # fewer images and batch sizes, ~3 min
+    PYTHONPATH=. python benchmarks/run_bench.py --device cuda --quick --out-md gpu.md --out-json gpu.json
+
+Builds production-shaped models with random weights through legitseg's factory,
+pins them in a generated models.yaml, generates photo-like JPEGs, then measures
+per row (a) the forward bound, (b) a researcher's loop and (c) `legitseg run` as
+a subprocess (steady-state images/s, start-up to the first image written, peak
+RSS). Prints the tables and writes them, with the machine's description, to a
+generated section of docs/benchmarks.md and to a JSON file. Timings belong
+here, not in the unit tests; tests/test_bench_smoke.py runs `--tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable as `python benchmarks/run_bench.py` without an install
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from benchmarks import measure, report, workload  # noqa: E402
+from benchmarks.workload import BenchModel  # noqa: E402
+
+CPU_TARGETS = {"c_over_a": 0.90, "c_over_b": 1.25, "startup_s": 8.0, "rss_growth": 1.10}
+GPU_TARGETS = {"c_over_a": 0.85}
+
+
+@dataclass
+class Mode:
+    """Sizes of one benchmark mode; models are keys of `models`."""
+
+    name: str
+    models: dict[str, BenchModel]
+    primary: str  # the CPU row that carries the targets
+    gpu_primary: str  # the GPU row that carries the target (fp16)
+    expert: str  # the second model of the K-models row
+    heavy: list[str]  # further single-model rows (CPU)
+    small: tuple[int, int]  # (width, height)
+    large: tuple[int, int]
+    n: int
+    n_large: int
+    n_heavy: int
+    n_gpu: int
+    n_gpu_large: int
+    batch_sizes: list[int]
+    gpu_batch_sizes: list[int]
+    min_time: float
+    batch_overrides: dict[str, list[int]] = field(default_factory=dict)  # CPU batch sizes per model
+    stage_images: int = 8
+
+
+def make_mode(args: argparse.Namespace) -> Mode:
+    if args.tiny:
+        mode = Mode("tiny", workload.TINY, "tiny_seg_64", "tiny_seg_96", "tiny_sev_64", ["tiny_seg_96"],
+                    (160, 120), (640, 480), 8, 8, 0, 32, 16, [1, 2], [1, 4], 0.05, {}, 3)
+    elif args.quick:
+        mode = Mode("quick", workload.PRODUCTION, "dlv3p_b2_384", "dlv3p_b2_512", "severity_b2_384", [],
+                    (1024, 768), (4000, 3000), 12, 8, 0, 128, 32, [1, 4], [1, 8, 16, 32], 1.0, {}, 4)
+    else:
+        mode = Mode("full", workload.PRODUCTION, "dlv3p_b2_384", "dlv3p_b2_512", "severity_b2_384",
+                    ["dlv3p_b2_512", "unet_r101_512"], (1024, 768), (4000, 3000), 32, 12, 12, 512, 64,
+                    [1, 2, 4, 8], [1, 2, 4, 8, 16, 32], 3.0, {"unet_r101_512": [1, 2, 4]}, 8)
+    for attr in ("n", "n_large", "n_heavy", "n_gpu", "n_gpu_large", "min_time"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(mode, attr, value)
+    if args.batch_sizes:
+        mode.batch_sizes = args.batch_sizes
+        mode.batch_overrides = {}
+    if args.gpu_batch_sizes:
+        mode.gpu_batch_sizes = args.gpu_batch_sizes
+    return mode
+
+
+class Bench:
+    """Runs the rows and keeps every result, keyed so that shared measurements run once."""
+
+    def __init__(self, mode: Mode, work: Path, args: argparse.Namespace, machine: dict):
+        self.mode, self.work, self.args, self.machine = mode, work, args, machine
+        self.t0 = time.monotonic()
+        self.loaded: dict[str, object] = {}
+        self.bounds: dict[tuple, measure.ForwardBound] = {}
+        self.loops: dict[tuple, measure.LoopResult] = {}
+        self.rows: list[dict] = []
+        self.stages: list[dict] = []
+        self.not_measured: list[str] = []
+        self.targets: list[dict] = []
+        self.failures = 0
+        self.manifest: Path | None = None
+        self.onnx = (not args.no_onnx) and importlib.util.find_spec("legitseg.onnx_backend") is not None
+        # One ONNX graph cache for this process (the onnxruntime bound exports into it) and the
+        # legitseg subprocesses, so that their start-up does not include a cold export.
+        os.environ["LEGITSEG_CACHE_DIR"] = str(work / "cache")
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    # -- set-up --------------------------------------------------------------------------
+    def prepare(self, names: list[str]) -> None:
+        self.say(f"models: {', '.join(names)} (random weights, pinned in {self.work / 'models.yaml'})")
+        self.manifest = workload.write_manifest([self.mode.models[n] for n in names], self.work)
+
+    def images(self, size: tuple[int, int], n: int) -> Path:
+        t = time.monotonic()
+        folder = workload.image_set(self.work, size[0], size[1], n)
+        if time.monotonic() - t > 1:
+            self.say(f"generated {size[0]}x{size[1]} JPEGs in {time.monotonic() - t:.0f}s")
+        return folder
+
+    def model(self, name: str):
+        """legitseg's LoadedModel (sha256 checked, strict load), built once."""
+        if name not in self.loaded:
+            from legitseg.factory import load_model
+            from legitseg.manifest import load_manifest
+
+            self.loaded[name] = load_model(load_manifest(self.manifest).select([name])[0])
+        return self.loaded[name]
+
+    # -- measurements, each done once ------------------------------------------------------
+    def bound(self, name: str, device: torch.device, precision: str, backend: str = "torch",
+              sizes: list[int] | None = None) -> measure.ForwardBound:
+        key = (name, device.type, precision, backend)
+        if key in self.bounds:
+            return self.bounds[key]
+        m = self.mode.models[name]
+        if sizes is None and device.type == "cuda":
+            sizes = self.mode.gpu_batch_sizes
+        elif sizes is None:
+            sizes = self.mode.batch_overrides.get(name, self.mode.batch_sizes)
+        loaded = self.model(name)
+        self.say(f"(a) forward bound {name} {device.type} {precision} {backend}, batches {sizes}")
+        if backend == "onnxruntime":
+            from legitseg.onnx_backend import ort_session, ort_threads
+
+            t = time.perf_counter()
+            session = ort_session(loaded, ort_threads())
+            setup = time.perf_counter() - t
+            result = measure.ort_forward_bound(session, name, loaded.spec.in_channels, m.size, sizes,
+                                               self.mode.min_time, ort_threads())
+            result.note = f"export (or cache read) + session {setup:.1f}s"
+        else:
+            result = measure.forward_bound(loaded.module, name, loaded.spec.in_channels, m.size, device,
+                                           precision, sizes, self.mode.min_time,
+                                           half_weights=device.type == "cuda" and precision == "fp16")
+            loaded.module.to("cpu")
+        self.bounds[key] = result
+        return result
+
+    def loop(self, names: tuple[str, ...], folder: Path, device: torch.device) -> measure.LoopResult:
+        key = (names, str(folder), device.type)
+        if key not in self.loops:
+            self.say(f"(b) researcher's loop {'+'.join(names)} on {folder.name} ({device.type})")
+            models = []
+            for n in names:
+                lm = self.model(n)
+                models.append(measure.LoopModel(n, lm.module, self.mode.models[n].size, lm.mean, lm.std,
+                                                lm.spec.task))
+            files = sorted(folder.glob("*.jpg"))
+            self.loops[key] = measure.researcher_loop(models, files, self.work / "out" / "researcher", device)
+            for lm in models:
+                lm.module.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return self.loops[key]
+
+    def run(self, names: list[str], folder: Path, n: int, device: str, precision: str, backend: str,
+            tag: str, extra: list[str] | None = None, env: dict[str, str] | None = None) -> measure.RunResult:
+        out = self.work / "out" / tag
+        cmd = measure.legitseg_command(self.manifest, names, folder, out, device, precision, backend, extra)
+        self.say(f"(c) legitseg run {tag}: {n} images")
+        return measure.legitseg_run(cmd, out, n, env=measure.child_env(env))
+
+    # -- rows ----------------------------------------------------------------------------
+    def row(self, label: str, names: list[str], size: tuple[int, int], n: int, device: torch.device,
+            precision: str, backend: str = "torch", rss_double: bool = False, targets: dict | None = None,
+            extra: list[str] | None = None, env: dict[str, str] | None = None) -> dict | None:
+        folder = self.images(size, n)
+        bounds = [self.bound(name, device, precision, backend) for name in names]
+        a = measure.combined_rate([b.best[2] for b in bounds])
+        how = " + ".join(f"{b.best[0]}, {b.best[1]}" for b in bounds)
+        b_rate = self.loop(tuple(names), folder, device).img_s
+        tag = f"{label}".replace(" ", "_").replace("/", "-")
+        try:
+            c = self.run(names, folder, n, str(device), precision, backend, tag, extra, env)
+            c2 = None
+            if rss_double:
+                c2 = self.run(names, self.images(size, 2 * n), 2 * n, str(device), precision, backend,
+                              tag + "_2N", extra, env)
+        except measure.RunFailed as err:
+            self.failures += 1
+            self.not_measured.append(f"{label}: legitseg run failed: {err}")
+            self.say(f"FAILED: {err}")
+            return None
+        row = {
+            "row": label,
+            "models": " + ".join(self.mode.models[x].label for x in names),
+            "images": f"{n} x {size[0]}x{size[1]}",
+            "device": f"{device} {precision} {backend}",
+            "bound_img_s": a,
+            "bound_how": how,
+            "researcher_img_s": b_rate,
+            "legitseg_img_s": c.steady_img_s,
+            "c_over_a": c.steady_img_s / a,
+            "c_over_b": c.steady_img_s / b_rate if b_rate else None,
+            "startup_s": c.startup_s,
+            "peak_rss_mb": c.peak_rss_mb if c2 is None else
+            f"{c.peak_rss_mb:.0f} (N={n}) / {c2.peak_rss_mb:.0f} (2N={2 * n})",
+            "batch_workers": f"{c.batch_size}, {c.workers}",
+            "targets": "",
+            "run": asdict(c),
+            "run_2n": asdict(c2) if c2 else None,
+            "backends": c.backends,
+        }
+        if set(c.backends.values()) != {backend}:
+            row["targets"] = f"backend used: {c.backends}"
+        if targets:
+            row["targets"] = self.check(label, row, c, c2, targets)
+        self.rows.append(row)
+        self.say(f"    {label}: (a) {a:.2f}  (b) {b_rate or 0:.2f}  (c) {c.steady_img_s:.2f} img/s, "
+                 f"start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB")
+        return row
+
+    def check(self, label: str, row: dict, c: measure.RunResult, c2: measure.RunResult | None,
+              targets: dict) -> str:
+        marks = []
+
+        def verdict(what: str, ok: bool, value: str) -> None:
+            self.targets.append({"row": label, "what": f"{label}: {what}", "ok": ok, "value": value})
+            marks.append(("" if ok else "MISS ") + what)
+
+        if "c_over_a" in targets:
+            t = targets["c_over_a"]
+            verdict(f"(c)/(a) >= {t}", row["c_over_a"] >= t, f"{row['c_over_a']:.2f}")
+        if "c_over_b" in targets and row["c_over_b"] is not None:
+            t = targets["c_over_b"]
+            verdict(f"(c)/(b) >= {t}", row["c_over_b"] >= t, f"{row['c_over_b']:.2f}")
+        if "startup_s" in targets:
+            t = targets["startup_s"]
+            verdict(f"start-up <= {t:g} s", c.startup_s <= t, f"{c.startup_s:.2f} s")
+        if "rss_growth" in targets and c2 is not None:
+            growth = c2.peak_rss_mb / c.peak_rss_mb
+            t = targets["rss_growth"]
+            verdict(f"peak RSS(2N)/RSS(N) <= {t}", growth <= t,
+                    f"{growth:.3f} ({c.peak_rss_mb:.0f} -> {c2.peak_rss_mb:.0f} MB)")
+        return "; ".join(marks)
+
+    def stage_profile(self, name: str, size: tuple[int, int], n: int, device: torch.device, precision: str) -> None:
+        folder = self.images(size, n)
+        files = sorted(folder.glob("*.jpg"))[: self.mode.stage_images + 1]
+        label = f"{size[0]}x{size[1]} {device.type} {precision}"
+        self.say(f"stages {name} on {label}")
+        loop = self.loop((name,), folder, device)
+        self.stages.append({"pipeline": "researcher", "model": name, "images": f"{size[0]}x{size[1]} {device.type} fp32",
+                            "ms": loop.stages_ms})
+        try:
+            ms = measure.legitseg_stages(self.manifest, name, files, self.work / "out" / "stages", device, precision)
+        except (ImportError, AttributeError, TypeError) as err:
+            # legitseg's internals moved: say so rather than lose the whole run.
+            self.failures += 1
+            self.not_measured.append(f"legitseg stage profile of {name}: {type(err).__name__}: {err}")
+            return
+        self.stages.append({"pipeline": "legitseg (serial)", "model": name, "images": label, "ms": ms})
+
+    def sweep(self) -> None:
+        """legitseg's --batch-size/--workers choices and OpenMP settings on the primary row (CPU, torch)."""
+        mode, cpu = self.mode, torch.device("cpu")
+        for batch, workers in ((1, 1), (2, 1), (8, 1), (4, 0), (4, 2)):
+            self.row(f"sweep b{batch} w{workers}", [mode.primary], mode.small, mode.n, cpu, "fp32",
+                     extra=["--batch-size", str(batch), "--workers", str(workers)])
+        # OpenMP threads spin while they wait; beside decode and writer threads on few cores that can cost.
+        for variable, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", "1")):
+            self.row(f"sweep {variable}={value}", [mode.primary], mode.small, mode.n, cpu, "fp32",
+                     env={variable: value})
+
+    # -- the whole plan --------------------------------------------------------------------
+    def cpu_rows(self) -> None:
+        mode, cpu = self.mode, torch.device("cpu")
+        self.row("single model", [mode.primary], mode.small, mode.n, cpu, "fp32", rss_double=True,
+                 targets=CPU_TARGETS)
+        self.row("large images", [mode.primary], mode.large, mode.n_large, cpu, "fp32")
+        self.row("two models", [mode.primary, mode.expert], mode.small, mode.n, cpu, "fp32")
+        if self.onnx:
+            self.row("single model onnxruntime", [mode.primary], mode.small, mode.n, cpu, "fp32",
+                     backend="onnxruntime")
+            if mode.name != "tiny":
+                self.row("large images onnxruntime", [mode.primary], mode.large, mode.n_large, cpu, "fp32",
+                         backend="onnxruntime")
+        else:
+            why = "--no-onnx" if self.args.no_onnx else "legitseg has no onnxruntime backend (legitseg/onnx_backend.py)"
+            self.not_measured.append(f"ONNX Runtime rows (forward bound through onnxruntime, legitseg run "
+                                     f"--backend onnxruntime): not measured, {why}")
+        if mode.n_heavy:
+            for name in mode.heavy:
+                self.row(f"single model {name}", [name], mode.small, mode.n_heavy, cpu, "fp32")
+        else:
+            self.not_measured.append("single-model rows of " + ", ".join(mode.models[n].label for n in mode.heavy)
+                                     + f" on the CPU: skipped in --{mode.name}")
+        # Informational: what --precision bf16 would give, at fp32's best batch size. Without bf16
+        # instructions PyTorch emulates it: a trial batch of 4 at 384 ran for over 9 minutes.
+        if {"avx512_bf16", "amx_bf16"} & set(self.machine["cpu_flags"]):
+            self.bound(mode.primary, cpu, "bf16", sizes=[self.bound(mode.primary, cpu, "fp32").best[1]])
+        else:
+            self.not_measured.append("bf16 forward bound on the CPU: not measured, this CPU has no bf16 "
+                                     "instructions (avx512_bf16, amx_bf16), so PyTorch emulates bf16 at a small "
+                                     "fraction of fp32's speed; use fp32 or --backend onnxruntime here")
+        if self.args.sweep:
+            self.sweep()
+        self.stage_profile(mode.primary, mode.small, mode.n, cpu, "fp32")
+        self.stage_profile(mode.primary, mode.large, mode.n_large, cpu, "fp32")
+
+    def gpu_rows(self) -> None:
+        mode, gpu = self.mode, torch.device("cuda:0")
+        self.row("GPU single model", [mode.gpu_primary], mode.small, mode.n_gpu, gpu, "fp16", targets=GPU_TARGETS)
+        self.row("GPU large images", [mode.gpu_primary], mode.large, mode.n_gpu_large, gpu, "fp16")
+        self.row("GPU two models", [mode.gpu_primary, mode.expert], mode.small, mode.n_gpu, gpu, "fp16")
+        self.row("GPU single model fp32", [mode.gpu_primary], mode.small, mode.n_gpu, gpu, "fp32")
+        self.stage_profile(mode.gpu_primary, mode.small, mode.n_gpu, gpu, "fp16")
+        self.stage_profile(mode.gpu_primary, mode.large, mode.n_gpu_large, gpu, "fp16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def sizes(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v.strip()]
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu: CPU rows; cuda: GPU rows only; auto: CPU rows, plus GPU rows when CUDA is available")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer images, batch sizes 1 and 4, no resnet101/512 rows")
+    size.add_argument("--tiny", action="store_true", help="tiny test models and images (seconds; for tests)")
+    p.add_argument("--images", dest="n", type=int, help="images per CPU row (1024x768; the RSS row also runs 2N)")
+    p.add_argument("--large-images", dest="n_large", type=int, help="images in the 4000x3000 CPU row")
+    p.add_argument("--heavy-images", dest="n_heavy", type=int, help="images in the 512/resnet101 CPU rows (0 skips)")
+    p.add_argument("--gpu-images", dest="n_gpu", type=int, help="images per GPU row (1024x768)")
+    p.add_argument("--gpu-large-images", dest="n_gpu_large", type=int, help="images in the 4000x3000 GPU row")
+    p.add_argument("--batch-sizes", type=sizes, help="forward-bound batch sizes on the CPU, e.g. 1,2,4,8")
+    p.add_argument("--gpu-batch-sizes", type=sizes, help="forward-bound batch sizes on CUDA, e.g. 1,8,16,32")
+    p.add_argument("--min-time", type=float, help="seconds per forward-bound measurement")
+    p.add_argument("--sweep", action="store_true", help="also run legitseg with other --batch-size/--workers (CPU)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    p.add_argument("--work", type=Path, default=REPO / "bench-data", help="work folder (models, images, outputs)")
+    p.add_argument("--out-md", type=Path, help="Markdown file whose generated section is (re)written "
+                   "[default: docs/benchmarks.md for a full run, WORK/benchmarks-MODE.md otherwise]")
+    p.add_argument("--out-json", type=Path, help="results as JSON [default: WORK/results-MODE-DEVICES.json]")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = make_mode(args)
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        print("run_bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    do_cpu = args.device in ("auto", "cpu")
+    do_gpu = args.device == "cuda" or (args.device == "auto" and cuda)
+    section = "+".join(d for d, on in (("cpu", do_cpu), ("cuda", do_gpu)) if on)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    started = time.monotonic()
+    machine = report.machine([torch.cuda.get_device_name(0)] if do_gpu else [])
+    bench = Bench(mode, work, args, machine)
+
+    names = [mode.primary, mode.expert] + (mode.heavy if do_cpu and mode.n_heavy else [])
+    names += [mode.gpu_primary] if do_gpu else []
+    bench.prepare(list(dict.fromkeys(names)))
+    if do_cpu:
+        bench.cpu_rows()
+    else:
+        bench.not_measured.append("CPU rows: not measured, --device cuda")
+    gpu_what = (f"GPU rows ({mode.models[mode.gpu_primary].label} fp16: forward bound, researcher's loop, "
+                f"legitseg run; target (c)/(a) >= {GPU_TARGETS['c_over_a']})")
+    if do_gpu:
+        bench.gpu_rows()
+    elif not cuda:
+        bench.not_measured.append(f"{gpu_what}: not measured, no GPU here (torch.cuda.is_available() is False)")
+    else:
+        bench.not_measured.append(f"{gpu_what}: not measured, --device cpu")
+
+    python = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) \
+        else Path(sys.executable).name
+    results = {
+        "mode": mode.name,
+        "section": section,
+        "command": " ".join([python, *sys.argv]),
+        "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "seconds": time.monotonic() - started,
+        "machine": machine,
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        "rows": bench.rows,
+        "forward": [b.as_dict() for b in bench.bounds.values()],
+        "stages": bench.stages,
+        "not_measured": bench.not_measured,
+        "targets": bench.targets,
+        "columns": [key for key, _ in report.COLUMNS],
+    }
+    print(report.render(results, markdown=False))
+    out_md = args.out_md or (REPO / "docs" / "benchmarks.md" if mode.name == "full" else work / f"benchmarks-{mode.name}.md")
+    out_json = args.out_json or work / f"results-{mode.name}-{section}.json"
+    report.write_markdown(out_md, section, report.render(results, markdown=True))
+    report.write_json(out_json, results)
+    print(f"wrote {out_md} (section '{section}') and {out_json}", file=sys.stderr)
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""What the benchmark runs on: production-shaped models with random weights, and photo-like JPEGs.
+
+Everything lands in a work folder (default `bench-data/`, git-ignored) and is
+reused by later runs: weights files are rebuilt only when missing, image folders
+only when they hold fewer images than asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One manifest entry of the benchmark; `name` is also its models.yaml key."""
+
+    name: str
+    task: str  # segmentation | severity
+    encoder: str
+    size: tuple[int, int]  # input_size (h, w)
+    arch: str | None = None
+    classes: int = 1
+
+    @property
+    def label(self) -> str:
+        what = f"{self.arch}+{self.encoder}" if self.arch else f"{self.encoder} severity"
+        return f"{what} @{self.size[0]}" if self.size[0] == self.size[1] else f"{what} @{self.size[0]}x{self.size[1]}"
+
+    def manifest_fields(self) -> dict:
+        fields = {"task": self.task, "encoder": self.encoder, "classes": self.classes,
+                  "input_size": list(self.size)}
+        if self.arch:
+            fields["arch"] = self.arch
+        return fields
+
+
+PRODUCTION = {
+    m.name: m
+    for m in (
+        BenchModel("dlv3p_b2_384", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus"),
+        BenchModel("dlv3p_b2_512", "segmentation", "efficientnet-b2", (512, 512), arch="DeepLabV3Plus"),
+        BenchModel("unet_r101_512", "segmentation", "resnet101", (512, 512), arch="Unet"),
+        BenchModel("severity_b2_384", "severity", "efficientnet-b2", (384, 384), classes=10),
+    )
+}
+TINY_ENCODER = "tu-test_resnet.r160_in1k"  # smp's own test encoder, ~0.4M parameters
+TINY = {
+    m.name: m
+    for m in (
+        BenchModel("tiny_seg_64", "segmentation", TINY_ENCODER, (64, 64), arch="Unet"),
+        BenchModel("tiny_seg_96", "segmentation", TINY_ENCODER, (96, 96), arch="Unet"),
+        BenchModel("tiny_sev_64", "severity", TINY_ENCODER, (64, 64), classes=10),
+    )
+}
+
+
+def spec_for(model: BenchModel, weights: Path, sha256: str = "0" * 64):
+    """The legitseg ModelSpec of `model`; the sha256 is a placeholder until the weights exist."""
+    from legitseg.manifest import ModelSpec
+
+    return ModelSpec(name=model.name, weights=weights, sha256=sha256, **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in model.manifest_fields().items()})
+
+
+def build_weights(model: BenchModel, folder: Path, seed: int = 0) -> tuple[Path, str]:
+    """Random weights for `model` through legitseg's own factory, saved as safetensors.
+
+    Returns (path, sha256). An existing file is reused: random weights are as good
+    as any others for timing, and rebuilding resnet101 costs seconds.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from legitseg.factory import build_module
+    from legitseg.weights import sha256_file
+
+    path = folder / f"{model.name}.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        module = build_module(spec_for(model, path))
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return path, sha256_file(path)
+
+
+def write_manifest(models: list[BenchModel], work: Path) -> Path:
+    """Build (or reuse) every model's weights and write `work/models.yaml` pinning their sha256."""
+    entries = {}
+    for m in models:
+        path, sha = build_weights(m, work / "weights")
+        entries[m.name] = {**m.manifest_fields(), "weights": os.path.relpath(path, work), "sha256": sha}
+    manifest = work / "models.yaml"
+    manifest.write_text(yaml.safe_dump({"version": 1, "models": entries}, sort_keys=False))
+    return manifest
+
+
+# -- images ---------------------------------------------------------------------------------
+def photo_like(width: int, height: int, seed: int) -> np.ndarray:
+    """A BGR uint8 picture with the statistics of a skin photograph, not of white noise.
+
+    Smooth colour gradients (lighting), a few soft reddish blobs (lesions) and
+    mild sensor noise: JPEG sizes and decode times land near those of real photos.
+    """
+    rng = np.random.default_rng(seed)
+    skin = np.array([130, 150, 200], np.float32)  # BGR
+    coarse = skin + rng.normal(0, 18, (6, 8, 3)).astype(np.float32)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    # Blobs drawn at a quarter of the resolution, blurred and upscaled: soft edges, cheap.
+    sw, sh = max(8, width // 4), max(8, height // 4)
+    layer = np.zeros((sh, sw), np.float32)
+    for _ in range(int(rng.integers(3, 9))):
+        center = (int(rng.integers(0, sw)), int(rng.integers(0, sh)))
+        axes = (int(rng.integers(sw // 40 + 1, sw // 6 + 2)), int(rng.integers(sh // 40 + 1, sh // 6 + 2)))
+        cv2.ellipse(layer, center, axes, float(rng.uniform(0, 180)), 0, 360, float(rng.uniform(0.4, 1.0)), -1)
+    layer = cv2.GaussianBlur(layer, (0, 0), sigmaX=max(1.0, sw / 150))
+    alpha = cv2.resize(layer, (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
+    lesion = np.array([70, 60, 170], np.float32)
+    img = img * (1 - alpha) + lesion * alpha
+    img += rng.normal(0, 4.0, (height, width, 1)).astype(np.float32)  # luminance noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def image_pool(work: Path, width: int, height: int, count: int, threads: int | None = None) -> list[Path]:
+    """At least `count` JPEGs of width x height under work/images/WxH (generated on demand)."""
+    folder = work / "images" / f"{width}x{height}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img_{i:04d}.jpg" for i in range(count)]
+    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
+
+    def make(item: tuple[int, Path]) -> None:
+        i, p = item
+        ok, buf = cv2.imencode(".jpg", photo_like(width, height, seed=i), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {p}")
+        tmp = p.with_suffix(".tmp")
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, p)
+
+    if missing:
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            list(pool.map(make, missing))
+    return paths
+
+
+def image_set(work: Path, width: int, height: int, count: int) -> Path:
+    """A folder holding exactly `count` of the pool's images (hard links), for `legitseg run FOLDER`."""
+    pool = image_pool(work, width, height, count)
+    folder = work / "sets" / f"{width}x{height}-n{count}"
+    have = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+    if [p.name for p in have] != [p.name for p in pool]:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for p in pool:
+            try:
+                os.link(p, folder / p.name)
+            except OSError:  # file systems without hard links
+                shutil.copy2(p, folder / p.name)
+    return folder
