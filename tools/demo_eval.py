@@ -86,7 +86,10 @@ def preprocess(image: np.ndarray, size: tuple[int, int], mean, std, interpolatio
 
 
 def predict(loaded, image: np.ndarray):
-    """Mask (H, W) uint8 for segmentation, (grade, score) for severity."""
+    """Mask (H, W) uint8 for segmentation, (grade, score) for severity.
+
+    `loaded` needs .spec, .module (in eval mode), .mean and .std, like legitseg's LoadedModel.
+    """
     import torch
     import torch.nn.functional as F
 
