@@ -41,6 +41,15 @@ def jpeg_bytes(rgb: np.ndarray, exif: Image.Exif | None = None) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_folder(root: Path, n: int, h: int, w: int, name: str = "img{:02d}.jpg") -> Path:
+    """A folder `root/in` of n photo-like JPEGs of h x w (each with its own seed)."""
+    d = root / "in"
+    d.mkdir()
+    for i in range(n):
+        (d / name.format(i)).write_bytes(jpeg_bytes(photo(h, w, i)))
+    return d
+
+
 def records(out: Path) -> dict[str, dict]:
     return {p.relative_to(out / "records").as_posix()[:-5]: json.loads(p.read_text())
             for p in (out / "records").rglob("*.json")}
@@ -252,10 +261,7 @@ def _valid(path: Path) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_leaves_no_partial_files_and_resume_completes(manifest, tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(40):
-        (d / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(photo(480, 640, i)))
+    d = jpeg_folder(tmp_path, 40, 480, 640)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "legitseg", "run", str(d), "-m", str(manifest), "-o", str(out),
             "--save-probabilities", "-q", "--workers", "2", "--batch-size", "2"]
@@ -290,10 +296,7 @@ def test_resume_skips_done_and_redoes_changed(kit, tmp_path):
 
     kit.add("seg")
     manifest = kit.write()
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(3):
-        (d / f"{i}.jpg").write_bytes(jpeg_bytes(photo(50, 70, i)))
+    d = jpeg_folder(tmp_path, 3, 50, 70, "{}.jpg")
     out = tmp_path / "out"
     base = ["run", str(d), "-m", str(manifest), "-o", str(out)]
     assert run_cli(*base).returncode == 0
@@ -357,10 +360,7 @@ def test_second_run_exits_5_naming_the_pid_and_lock_dies_with_the_process(manife
 def test_signal_stops_cleanly(manifest, tmp_path, sig, code):
     import psutil
 
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(60):
-        (d / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(photo(480, 640, i)))
+    d = jpeg_folder(tmp_path, 60, 480, 640)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "legitseg", "run", str(d), "-m", str(manifest), "-o", str(out),
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -477,10 +477,7 @@ def test_two_clean_cpu_runs_write_byte_identical_masks(manifest, tmp_path):
 
 
 def test_closed_stdout_stops_like_a_signal(manifest, tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(12):
-        (d / f"{i:02d}.jpg").write_bytes(jpeg_bytes(photo(40, 50, i)))
+    d = jpeg_folder(tmp_path, 12, 40, 50, "{:02d}.jpg")
     out = tmp_path / "out"
     cmd = (f"{sys.executable} -m legitseg run {d} -m {manifest} -o {out} --jsonl --batch-size 1 "
            "--backend torch | head -1; echo ${PIPESTATUS[0]}")
