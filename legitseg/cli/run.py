@@ -1,14 +1,8 @@
-"""The command line: parse, call the core, show progress, map errors to exit codes.
-
-The only module that writes to the terminal. It imports torch only inside the
-commands that need it, so `legitseg --help` and `legitseg models list` stay fast.
-"""
+"""`legitseg run`: options -> RunConfig, events -> progress, log lines and --jsonl rows."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 import signal
 import sys
@@ -18,14 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from legitseg import __version__
+from legitseg.cli.common import ManifestOpt, err_console, fail, load, log, setup_logging, split
 from legitseg.errors import (
     EXIT_IMAGES_FAILED,
-    EXIT_INTEGRITY,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGPIPE,
@@ -34,195 +24,9 @@ from legitseg.errors import (
     UsageError,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run segmentation-models-pytorch models over folders of images.")
-models_app = typer.Typer(no_args_is_help=True, help="Inspect and verify the models of a manifest.")
-app.add_typer(models_app, name="models")
-err_console = Console(stderr=True)
-log = logging.getLogger("legitseg")
 
-ManifestOpt = Annotated[
-    Path | None,
-    typer.Option("--manifest", "-m", help="models.yaml [default: $LEGITSEG_MANIFEST, else ./models.yaml]"),
-]
-
-
-def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s legitseg %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger("legitseg")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
-def _fail(err: LegitsegError) -> typer.Exit:
-    err_console.print(f"[bold red]legitseg: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-    return typer.Exit(err.exit_code)
-
-
-def handles_errors(fn):
-    """Turn LegitsegError into a one-line message on stderr and its exit code (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LegitsegError as err:
-            raise _fail(err) from None
-
-    return wrapper
-
-
-def _manifest_path(manifest: Path | None) -> Path:
-    if manifest is not None:
-        return manifest
-    return Path(os.environ.get("LEGITSEG_MANIFEST") or "models.yaml")
-
-
-def _load(manifest: Path | None):
-    from legitseg.manifest import load_manifest
-
-    return load_manifest(_manifest_path(manifest))
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"legitseg {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """legitseg: batch inference of smp segmentation and severity models."""
-
-
-# -- models ---------------------------------------------------------------------------
-@models_app.command("list")
-@handles_errors
-def models_list(manifest: ManifestOpt = None) -> None:
-    """Show the manifest's models (does not import torch)."""
-    m = _load(manifest)
-    table = Table(title=f"{m.path}", title_justify="left")
-    for col in ("name", "task", "arch", "encoder", "classes", "input size", "weights", "sha256"):
-        table.add_column(col, overflow="fold")
-    for spec in m.models.values():
-        try:
-            weights = str(spec.weights.relative_to(m.path.parent.absolute()))
-        except ValueError:
-            weights = str(spec.weights)
-        size = "x".join(map(str, spec.input_size)) if spec.input_size else "native (pad)"
-        table.add_row(spec.name, spec.task, spec.arch or "-", spec.encoder, str(spec.classes), size,
-                      weights, spec.sha256[:12])
-    Console().print(table)
-
-
-@models_app.command("check")
-@handles_errors
-def models_check(
-    manifest: ManifestOpt = None,
-    models: Annotated[str | None, typer.Option("--models", help="Comma-separated model names [default: all]")] = None,
-) -> None:
-    """Hash, build, strictly load and run a dummy forward for each model; exit 3 if any fails."""
-    from legitseg.check import check_model
-
-    m = _load(manifest)
-    specs = m.select(_split(models))
-    table = Table(title=f"{m.path}", title_justify="left")
-    for col in ("model", "result", "build s", "parameters", "weights MB", "output"):
-        table.add_column(col, no_wrap=col in ("model", "result"))
-    failed = 0
-    problems: list[str] = []
-    for spec in specs:
-        r = check_model(spec)
-        failed += not r.ok
-        table.add_row(
-            r.name, "[green]ok[/]" if r.ok else "[red]FAILED[/]",
-            f"{r.build_seconds:.2f}" if r.build_seconds is not None else "-",
-            f"{r.parameters:,}" if r.parameters is not None else "-",
-            f"{r.weight_bytes / 1e6:.1f}" if r.weight_bytes is not None else "-",
-            f"{list(r.output_shape)} {r.dtype}" if r.output_shape else "-",
-        )
-        if r.error:
-            problems.append(f"{r.name}: {r.error}")
-    Console().print(table)
-    for line in problems:
-        # Plain lines, never folded, so that cron logs keep each message whole.
-        sys.stderr.write(f"legitseg: FAILED {line}\n")
-    if failed:
-        err_console.print(f"legitseg: {failed} of {len(specs)} model(s) failed the check")
-        raise typer.Exit(EXIT_INTEGRITY)
-
-
-@models_app.command("hash")
-@handles_errors
-def models_hash(file: Annotated[Path, typer.Argument(help="Weights file or smp save_pretrained folder")]) -> None:
-    """Print the sha256 to pin in models.yaml (for a folder: of its model.safetensors)."""
-    from legitseg.weights import hashed_file, sha256_file
-
-    target = hashed_file(file)
-    try:
-        digest = sha256_file(target)
-    except OSError as err:
-        raise UsageError(f"cannot read {target}: {err.strerror or err}") from err
-    typer.echo(f"{digest}  {target}")
-
-
-# -- info -----------------------------------------------------------------------------
-@app.command("info")
-@handles_errors
-def info(
-    encoders: Annotated[bool, typer.Option("--encoders", help="Also list smp's encoder names.")] = False,
-) -> None:
-    """Versions, CUDA devices, and whether installed packages match requirements_lock.txt."""
-    from legitseg.provenance import cuda_devices, lock_mismatches, versions
-
-    table = Table(show_header=False)
-    for key, value in versions().items():
-        table.add_row(key, value or "not installed")
-    devices = cuda_devices()
-    table.add_row("cuda devices", "\n".join(devices) if devices else "none (CPU only)")
-    diffs = lock_mismatches()
-    if diffs is None:
-        lock_state = "requirements_lock.txt not found (installed outside the source tree)"
-    elif diffs:
-        lock_state = "[red]differs[/]:\n" + "\n".join(diffs)
-    else:
-        lock_state = "[green]all installed versions match requirements_lock.txt[/]"
-    table.add_row("lock", lock_state)
-    Console().print(table)
-    if encoders:
-        from legitseg._smp_names import ENCODERS
-
-        typer.echo("\n".join(ENCODERS) + "\n(plus tu-<any timm model name>)")
-
-
-# -- export ---------------------------------------------------------------------------
-@app.command("export")
-@handles_errors
-def export(
-    model: Annotated[str, typer.Argument(help="Name of the manifest's model to export")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write; its sidecar NAME.json goes beside it")],
-    manifest: ManifestOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
-) -> None:
-    """Export one model to ONNX with a JSON sidecar of its preprocessing and output semantics."""
-    from legitseg.export import export_model
-
-    _setup_logging(quiet)
-    (spec,) = _load(manifest).select([model])
-    result = export_model(spec, out)
-    typer.echo(f"{result.onnx_path}  sha256 {result.onnx_sha256}  parity {result.parity:.2g}")
-    typer.echo(str(result.sidecar_path))
-
-
-# -- run ------------------------------------------------------------------------------
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
 
 
 class _Signals:
@@ -292,7 +96,6 @@ class _Progress:
             self.bar.stop()
 
 
-@app.command("run")
 def run(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), or - for paths on stdin")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")],
@@ -313,12 +116,12 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
 ) -> None:
     """Run the manifest's models over images; write masks, scores and records under OUT."""
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     try:
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                     save_probabilities, overwrite, max_pixels, jsonl, quiet)
     except LegitsegError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     raise typer.Exit(code)
 
 
@@ -331,8 +134,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
         raise UsageError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
     if backend is not None and backend not in ("auto", "torch", "onnxruntime"):
         raise UsageError(f"--backend {backend!r}: choose auto, torch or onnxruntime")
-    m = _load(manifest)
-    specs = m.select(_split(models))
+    m = load(manifest)
+    specs = m.select(split(models))
     cfg = RunConfig(
         inputs=inputs, out=out, manifest=m, models=specs, device=device, batch_size=batch_size,
         workers=workers, precision=precision, backend=backend, save_probabilities=save_probabilities,
@@ -390,12 +193,3 @@ def _emit(stream, rows, signals: _Signals) -> None:
         signals.stop.set()
         log.warning("standard output was closed: stopping after the images in flight")
 
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except BrokenPipeError:
-        # `legitseg run --jsonl | head` closed our stdout; not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_SIGPIPE)
