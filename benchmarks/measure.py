@@ -340,10 +340,10 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         decode_rgb,
         prepare,
         read_bytes,
-        sha256_bytes,
     )
+    from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.pipeline.infer import TorchRunner
-    from legitseg.writers import atomic_write, encode_png, write_record
+    from legitseg.writers import encode_png, record_path
 
     spec = load_manifest(manifest).select([name])[0]
     runner = TorchRunner(load_model(spec), device, precision)
@@ -380,7 +380,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         t.append(time.perf_counter())
         if png is not None:
             atomic_write(out / "masks" / f"{path.name}.png", png)
-        write_record(out, path.name, {"image": str(path), "sha256": digest, "status": "ok"})
+        atomic_write(record_path(out, path.name), json.dumps({"image": str(path), "sha256": digest}).encode())
         t.append(time.perf_counter())
         for key, a, b in zip(stages, t[:-1], t[1:], strict=True):
             stages[key] += b - a

@@ -143,7 +143,7 @@ class Bench:
         loaded = self.model(name)
         self.say(f"(a) forward bound {name} {device.type} {precision} {backend}, batches {sizes}")
         if backend == "onnxruntime":
-            from legitseg.onnx_backend import ort_session, ort_threads
+            from legitseg.pipeline.ort_runner import ort_session, ort_threads
 
             t = time.perf_counter()
             session = ort_session(loaded, ort_threads())

@@ -52,34 +52,16 @@ def export_model(spec: ModelSpec, out: Path) -> ExportResult:
     import torch
 
     from legitseg.factory import load_model
-    from legitseg.onnx_backend import (
-        OPSET,
-        ExportFailed,
-        OrtRunner,
-        cached_onnx,
-        dynamic_axes,
-        make_session,
-        ort_errors,
-        parity,
-    )
+    from legitseg.fsio import atomic_write, write_json
+    from legitseg.onnx_backend import OPSET, ExportFailed, dynamic_axes
     from legitseg.pipeline.infer import TorchRunner
-    from legitseg.writers import atomic_write, write_json
+    from legitseg.pipeline.ort_runner import OrtRunner, gate
 
     loaded = load_model(spec)  # the sha256 is checked on the bytes before any loader reads them
-    cpu = torch.device("cpu")
-    reference = TorchRunner(loaded, cpu, "fp32")
-    graph = cached_onnx(loaded)
-    try:
-        candidate = OrtRunner(loaded, cpu, "fp32", session=make_session(graph.data))
-        figure = parity(reference, candidate)
-    except (RuntimeError, ValueError, *ort_errors()) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ExportFailed(f"model {spec.name!r}: ONNX Runtime cannot run the exported graph: {reason}") from err
-    if figure > spec.parity_tolerance:
-        raise ExportFailed(
-            f"model {spec.name!r}: ONNX Runtime probabilities differ from torch by {figure:.3g} > "
-            f"parity_tolerance {spec.parity_tolerance:g}; nothing written"
-        )
+    result = gate(loaded, TorchRunner(loaded, torch.device("cpu"), "fp32"), spec.parity_tolerance)
+    if not isinstance(result.runner, OrtRunner) or result.graph is None or result.parity is None:
+        raise ExportFailed(f"{result.reason}; nothing written")
+    graph, figure = result.graph, result.parity
     sidecar = build_sidecar(spec, loaded.mean, loaded.std, loaded.stride, out.name, graph.sha256,
                             figure, dynamic_axes(loaded), OPSET)
     atomic_write(out, graph.data)

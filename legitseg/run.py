@@ -1,8 +1,8 @@
-"""`legitseg run`: plan, lock, resume, stream, summarise (SPEC sections 4-6).
+"""`legitseg run`: plan, lock, resume, build runners, stream through the engine into the sink.
 
-Yields events for the CLI to show; never prints. Integrity problems (exit 3)
-surface before any image is read; nothing under OUT changes before the lock
-is held.
+Yields events for the CLI (or any other caller) to show; never prints. Integrity
+problems (exit 3) surface before any image is read; nothing under OUT changes
+before the lock is held.
 """
 
 from __future__ import annotations
@@ -11,31 +11,38 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from legitseg.errors import ImageError, LegitsegError, UsageError
+from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
 from legitseg.lock import OutputLock
 from legitseg.manifest import Manifest, ModelSpec
-from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes, sha256_bytes
+from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes
 from legitseg.pipeline.sources import Source, discover
+from legitseg.records import ImageRecord
 from legitseg.weights import verify_sha256
-from legitseg.writers import (
-    read_record,
-    rebuild_summaries,
-    record_rows,
-    remove_stale_tmp,
-    write_json,
-)
+from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+BACKENDS = ("auto", "torch", "onnxruntime")
+OUT_MARKER = ".legitseg-out"  # in every OUT: folder searches never descend into one
+RUNS = "runs"
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 @dataclass
 class RunConfig:
+    """Everything a run needs, validated once (UsageError, exit 2) when it is built."""
+
     inputs: list[str]
     out: Path
     manifest: Manifest
@@ -49,8 +56,27 @@ class RunConfig:
     save_probabilities: bool = False
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    arguments: dict[str, Any] = field(default_factory=dict)
-    stdin_lines: Iterable[str] | None = None
+    stdin: IO[str] | None = None  # where INPUT '-' reads paths from
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: choose {_choices(PRECISIONS)}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r}: choose {_choices(BACKENDS)}")
+        if self.precision in ("fp16", "tf32") and self.device == "cpu":
+            raise UsageError(f"--precision {self.precision} needs a CUDA device; on the CPU use fp32 or bf16")
+        for name, value in (("--batch-size", self.batch_size), ("--workers", self.workers),
+                            ("--max-pixels", self.max_pixels)):
+            if value is not None and value < (0 if name == "--workers" else 1):
+                raise UsageError(f"{name} {value}: out of range")
+
+    def arguments(self) -> dict[str, Any]:
+        """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
+        return {"inputs": list(self.inputs), "out": str(self.out), "models": [s.name for s in self.models],
+                "device": self.device, "batch_size": self.batch_size, "workers": self.workers,
+                "precision": self.precision, "backend": self.backend,
+                "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
+                "max_pixels": self.max_pixels}
 
 
 @dataclass
@@ -62,7 +88,7 @@ class Planned:
 
 @dataclass
 class Skipped:
-    source: Source
+    record: ImageRecord
     rows: list[dict[str, Any]]
 
 
@@ -81,10 +107,20 @@ class Finished:
     skipped: int
     failed: int
     run_json: Path
+    run_id: str = ""
+
+
+@dataclass
+class _Settings:
+    device: str | None = None
+    batch_size: int | None = None
+    workers: int = 1
+    writers: int | None = None
+    math: dict[str, Any] = field(default_factory=dict)
 
 
 def default_writers(device_type: str) -> int:
-    """Writer threads (postprocessing on the CPU, PNG encoding, atomic writes).
+    """Postprocessing and writer threads (resize to the original size, PNG encoding, atomic writes).
 
     Two on the CPU, where the forward pass needs the cores. On a GPU the writers are
     the bottleneck: measured on an H200 with 16 cores (docs/benchmarks.md), going from
@@ -103,35 +139,31 @@ def default_workers(device_type: str) -> int:
     return max(1, min(4, cores // 2))
 
 
-def _up_to_date(source: Source, record: dict[str, Any] | None, models: list[ModelSpec]) -> bool:
-    if not record or record.get("status") != "ok":
-        return False
-    entries = record.get("models", {})
-    for spec in models:
-        e = entries.get(spec.name)
-        if not e or e.get("status") != "ok" or e.get("weights_sha256") != spec.sha256:
-            return False
-    try:
-        return sha256_bytes(read_bytes(source.path)) == record.get("sha256")
-    except ImageError:
-        return False
+def new_run_id(started_at: float) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}"
 
 
 def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: bool,
-         workers: int) -> tuple[list[Source], list[tuple[Source, dict[str, Any]]]]:
-    """Split sources into (to process, skipped with their records). Hashes only images that have a record."""
+         workers: int) -> tuple[list[Source], list[ImageRecord]]:
+    """Split sources into (to process, skipped records). Hashes only images that have a record."""
     if overwrite:
         return list(sources), []
 
-    def check(source: Source) -> tuple[Source, dict[str, Any] | None, bool]:
+    def check(source: Source) -> tuple[Source, ImageRecord | None]:
         record = read_record(out, source.name)
-        return source, record, _up_to_date(source, record, models)
+        if record is None:
+            return source, None
+        try:
+            digest = sha256_bytes(read_bytes(source.path))
+        except ImageError:
+            return source, None
+        return source, record if record.done_for(models, digest, retry_failed=True) else None
 
     todo, skipped = [], []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="legitseg-plan") as pool:
-        for source, record, fresh in pool.map(check, sources):
-            if fresh:
-                skipped.append((source, record))
+        for source, record in pool.map(check, sources):
+            if record is not None:
+                skipped.append(record)
             else:
                 todo.append(source)
     return todo, skipped
@@ -144,14 +176,12 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     INPUT arguments (exit 2) are checked before OUT is touched; an OUT that already
     exists is locked at once (exit 5); models are built (exit 3) before anything
     is written; only then is OUT created and written to.
-    Raises LegitsegError subclasses; their exit codes are SPEC section 6's.
+    Raises LegitsegError subclasses with the exit codes of docs/exit-codes.md.
     """
     started_at = time.time()
-    if cfg.precision == "fp16" and cfg.device == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
     for spec in cfg.models:
         verify_sha256(spec.weights, spec.sha256, spec.name)
-    sources = discover(cfg.inputs, cfg.stdin_lines)
+    sources = discover(cfg.inputs, cfg.stdin)
     lock = OutputLock(cfg.out)
     try:
         if cfg.out.exists():
@@ -165,58 +195,74 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, sources: list[Source]
                     started_at: float) -> Iterator[Any]:
     # torch (and the device it finds) is imported only when there is work: a rerun with
     # nothing to do stays a matter of hashing files.
-    device_type = "cpu" if cfg.device == "cpu" else "cuda" if cfg.device.startswith("cuda") else "cpu"
-    settings = {"device": None, "batch_size": cfg.batch_size, "writers": cfg.writers,
-                "workers": cfg.workers if cfg.workers is not None else default_workers(device_type)}
-    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings["workers"], 2))
+    device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    settings = _Settings(batch_size=cfg.batch_size, writers=cfg.writers,
+                         workers=cfg.workers if cfg.workers is not None else default_workers(device_type))
+    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2))
     runners: list = []
     if todo and not stop.is_set():
         from legitseg.pipeline.infer import check_precision, choose_device
 
         device = choose_device(cfg.device)
         check_precision(cfg.precision, device)
-        settings["device"] = str(device)
+        settings.device = str(device)
         if cfg.workers is None:
-            settings["workers"] = default_workers(device.type)
-        settings["batch_size"] = cfg.batch_size or (16 if device.type == "cuda" else 4)
-        settings["writers"] = cfg.writers or default_writers(device.type)
+            settings.workers = default_workers(device.type)
+        settings.batch_size = cfg.batch_size or (16 if device.type == "cuda" else 4)
+        settings.writers = cfg.writers or default_writers(device.type)
         runners = _build_runners(cfg, device)
     if not lock.held:
         lock.acquire()
+    (cfg.out / OUT_MARKER).touch()
     removed = remove_stale_tmp(cfg.out)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
 
+    run_id = new_run_id(started_at)
     counts = {"processed": 0, "skipped": len(skipped), "failed": 0}
     status = "failed"
     try:
         yield Planned(len(sources), len(todo), len(skipped))
         selected = {s.name for s in cfg.models}
-        for source, record in skipped:
-            yield Skipped(source, [r for r in record_rows(record) if r["model"] in selected])
+        for record in skipped:
+            yield Skipped(record, record.rows(selected))
         if runners and not stop.is_set():
-            yield Started(settings["device"], {r.name: r.backend for r in runners})
-            from legitseg.pipeline.engine import Engine
-
-            run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}"
-            engine = Engine(runners, cfg.out, batch_size=settings["batch_size"], workers=settings["workers"],
-                            writers=settings["writers"], save_probabilities=cfg.save_probabilities,
-                            max_pixels=cfg.max_pixels, stop=stop, run_id=run_id)
-            for outcome in engine.process(todo):
+            yield Started(settings.device or "", {r.name: r.backend for r in runners})
+            for outcome in _stream(cfg, runners, settings, todo, stop, run_id):
                 counts["processed" if outcome.ok else "failed"] += 1
                 yield outcome
         status = "interrupted" if stop.is_set() else "completed"
     finally:
-        run_json = _finish(cfg, status, counts, settings, runners, started_at)
-    yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json)
+        run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id)
+    yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json, run_id)
 
 
-def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: dict[str, Any],
-            runners: list, started_at: float) -> Path:
+def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
+            stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
+    from legitseg.pipeline.engine import Engine
+    from legitseg.pipeline.infer import math_mode
+    from legitseg.records import settings_digest
+    from legitseg.writers import ModelInfo, Sink
+
+    infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
+                       r.backend, r.parity) for r in runners]
+    writers = settings.writers or 2
+    engine = Engine(runners, batch_size=settings.batch_size or 1, workers=settings.workers,
+                    post_threads=writers, save_probabilities=cfg.save_probabilities,
+                    max_pixels=cfg.max_pixels, stop=stop)
+    sink = Sink(cfg.out, infos, run_id, writers)
+    with math_mode(cfg.precision) as math:
+        settings.math = math
+        yield from sink.consume(engine.process(todo))
+
+
+def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Settings,
+            runners: list, started_at: float, run_id: str) -> Path:
     """Rebuild scores.* from the records and write run.json (also after a failure, when possible)."""
     from legitseg.provenance import command_line, versions
 
-    models = {s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
+    models: dict[str, dict[str, Any]] = {
+        s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
     for r in runners:
         models[r.name].update(backend=r.backend, parity=r.parity,
                               build_seconds=round(r.loaded.build_seconds, 3))
@@ -226,9 +272,13 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: dict[
         write_json(run_json, {
             "status": status,
             "versions": versions(),
-            **settings,
+            "device": settings.device,
+            "batch_size": settings.batch_size,
+            "writers": settings.writers,
+            "workers": settings.workers,
             "precision": cfg.precision,
-            "arguments": {**cfg.arguments, "command": command_line()},
+            "math": settings.math,
+            "arguments": {**cfg.arguments(), "command": command_line()},
             "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
             "models": models,
             "counts": counts,
@@ -245,16 +295,11 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: dict[
 
 def _build_runners(cfg: RunConfig, device) -> list:
     from legitseg.factory import load_model
-    from legitseg.onnx_backend import build_ort_runner, choose_backend
-    from legitseg.pipeline.infer import TorchRunner
+    from legitseg.pipeline.runners import build_runner
 
     runners = []
     for spec in cfg.models:
         loaded = load_model(spec)
-        runner = TorchRunner(loaded, device, cfg.precision)
-        if choose_backend(cfg.backend, spec, device, cfg.precision) == "onnxruntime":
-            # Exported from the verified module; torch stays the runner if the gate says no.
-            runner = build_ort_runner(loaded, runner, spec.parity_tolerance).runner
-        runners.append(runner)
+        runners.append(build_runner(loaded, device, cfg.precision, cfg.backend))
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners

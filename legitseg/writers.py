@@ -1,9 +1,13 @@
-"""Everything legitseg writes under OUT (SPEC section 5), each file atomically.
+"""Everything legitseg writes under OUT (SPEC section 5): the file layout and the Sink.
 
 Every file is written under a temporary name in its own folder, flushed to disk
-and renamed into place, so a reader (or a run after a SIGKILL) never sees a
-partial file under a final name. The per-image record is written last: it is
-the unit of completion.
+and renamed into place (`fsio.atomic_write`), so a reader (or a run after a
+SIGKILL) never sees a partial file under a final name. The per-image record is
+written last: it is the unit of completion.
+
+The Sink turns the engine's `ImageResult`s into files and records; it knows
+nothing of torch or of how results were computed, so every engine (local
+threads, a cluster) writes through it.
 """
 
 from __future__ import annotations
@@ -11,70 +15,50 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from legitseg import __version__
 from legitseg.errors import RuntimeFailure
-from legitseg.pipeline.sources import Source
+from legitseg.fsio import atomic_write, dumps
+from legitseg.records import (
+    CSV_FIELDS,
+    FORMAT_VERSION,
+    ImageRecord,
+    ImageResult,
+    ModelEntry,
+    ModelOutput,
+    RecordError,
+    SegmentationResult,
+    SeverityResult,
+)
 
-TMP_SUFFIX = ".legitseg-tmp"
+log = logging.getLogger(__name__)
 RECORDS = "records"
 MASKS = "masks"
 PROBABILITIES = "probabilities"
-CSV_FIELDS = (
-    "image", "model", "status", "error", "mask", "probability_map",
-    "area_fraction", "components", "score", "grade", "probabilities", "backend",
-)
 
 
-@dataclass
-class ImageOutcome:
-    """What became of one image: its record as written, and its rows for this run's models."""
-
-    source: Source
-    record: dict[str, Any]
-    rows: list[dict[str, Any]]
-
-    @property
-    def ok(self) -> bool:
-        return self.record["status"] == "ok"
+# -- layout -------------------------------------------------------------------------------
+def mask_path(name: str, model: str) -> str:
+    return f"{MASKS}/{model}/{name}.png"
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+def probability_path(name: str, model: str) -> str:
+    return f"{PROBABILITIES}/{model}/{name}.npz"
 
 
-def atomic_write(final: Path, data: bytes) -> None:
-    """Write `data` to `final` via a temporary file in the same folder and a rename.
-
-    OSError (disk full, read-only, permissions) becomes RuntimeFailure (exit 4);
-    the temporary file is removed and an existing `final` is left untouched.
-    """
-    tmp = _tmp_name(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the folder itself is gone or read-only: nothing left to clean
-        raise RuntimeFailure(f"cannot write {final}: {err.strerror or err}") from err
+def record_path(out: Path, name: str) -> Path:
+    return out / RECORDS / f"{name}.json"
 
 
 def encode_png(mask: np.ndarray) -> bytes:
@@ -90,87 +74,156 @@ def encode_npz(probabilities: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def mask_path(name: str, model: str) -> str:
-    return f"{MASKS}/{model}/{name}.png"
+# -- records ------------------------------------------------------------------------------
+def write_record(out: Path, record: ImageRecord) -> None:
+    atomic_write(record_path(out, record.name), record.to_bytes())
 
 
-def probability_path(name: str, model: str) -> str:
-    return f"{PROBABILITIES}/{model}/{name}.npz"
-
-
-def record_path(out: Path, name: str) -> Path:
-    return out / RECORDS / f"{name}.json"
-
-
-def write_record(out: Path, name: str, record: dict[str, Any]) -> None:
-    atomic_write(record_path(out, name), (json.dumps(record, indent=1, sort_keys=False) + "\n").encode())
-
-
-def read_record(out: Path, name: str) -> dict[str, Any] | None:
-    """The record of an earlier run, or None when there is none or it cannot be parsed."""
+def read_record(out: Path, name: str) -> ImageRecord | None:
+    """The record of an earlier run, or None when there is none or it cannot be parsed (logged)."""
+    path = record_path(out, name)
     try:
-        data = json.loads(record_path(out, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as err:
+        log.warning("cannot read record %s (%s); the image is processed again", path, err)
+        return None
+    try:
+        return ImageRecord.from_json(json.loads(text))
+    except (ValueError, RecordError) as err:
+        log.warning("record %s is not valid (%s); the image is processed again", path, err)
+        return None
 
 
-def iter_records(out: Path) -> Iterator[dict[str, Any]]:
+@dataclass
+class RecordScan:
+    """All records under OUT, and the files under records/ that are not valid records."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def scan_records(out: Path) -> RecordScan:
+    scan = RecordScan()
     root = out / RECORDS
     if not root.is_dir():
-        return
-    paths = sorted(p for p in root.rglob("*.json") if p.is_file())
-    for p in paths:
+        return scan
+    for p in sorted(p for p in root.rglob("*.json") if p.is_file()):
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # only complete records are ever renamed into place; skip foreign files
-        if isinstance(data, dict) and "models" in data:
-            yield data
+            scan.records.append(ImageRecord.from_json(json.loads(p.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, RecordError) as err:
+            # Only complete records are renamed into place; anything else is foreign or damaged.
+            log.warning("skipping %s in the summaries: not a valid record (%s)", p, err)
+            scan.unreadable.append(str(p.relative_to(out)))
+    return scan
 
 
-def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (image, model) of a record, in the record's model order."""
-    rows = []
-    for model, entry in record.get("models", {}).items():
-        row = {"image": record["image"], "model": model, "status": entry.get("status", "failed")}
-        for key in CSV_FIELDS[3:]:
-            if key in entry and entry[key] is not None:
-                row[key] = entry[key]
-        rows.append(row)
-    return rows
-
-
-def rebuild_summaries(out: Path) -> int:
-    """Rewrite scores.jsonl and scores.csv from all records (never duplicated). Returns row count."""
+def rebuild_summaries(out: Path) -> RecordScan:
+    """Rewrite scores.jsonl and scores.csv from all records (never duplicated)."""
     jsonl = io.StringIO()
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    count = 0
-    for record in iter_records(out):
-        for row in record_rows(record):
-            jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
-            writer.writerow(
-                {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
-            )
-            count += 1
-    atomic_write(out / "scores.jsonl", jsonl.getvalue().encode())
-    atomic_write(out / "scores.csv", table.getvalue().encode())
-    return count
+    scan = scan_records(out)
+    for record in scan.records:
+        for row in record.rows():
+            jsonl.write(dumps(row, ensure_ascii=False) + "\n")
+            writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+    atomic_write(out / "scores.jsonl", jsonl.getvalue().encode("utf-8", "backslashreplace"))
+    atomic_write(out / "scores.csv", table.getvalue().encode("utf-8", "backslashreplace"))
+    return scan
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+# -- the sink -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the sink records about a model besides its results."""
+
+    name: str
+    task: str
+    weights_sha256: str
+    settings: str  # records.settings_digest
+    backend: str | None = None
+    parity: float | None = None
 
 
-def remove_stale_tmp(out: Path) -> int:
-    """Delete temporary files left by a killed run. Call only while holding OUT's lock."""
-    removed = 0
-    for p in out.rglob(f"*{TMP_SUFFIX}"):
+@dataclass
+class ImageOutcome:
+    """What became of one image: its record as written, and its rows for this run's models."""
+
+    record: ImageRecord
+    rows: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.record.ok
+
+
+class Sink:
+    """Writes ImageResults under OUT: masks, probability maps, then the record (merged with
+    the previous record of the same image bytes)."""
+
+    def __init__(self, out: Path, models: list[ModelInfo], run_id: str, writers: int = 2):
+        self.out = out
+        self.models = {m.name: m for m in models}
+        self.run_id = run_id
+        self.writers = max(1, writers)
+
+    def _entry(self, info: ModelInfo, output: ModelOutput, name: str) -> ModelEntry:
+        base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings)
+        if output.error is not None or output.result is None:
+            return ModelEntry(**base, status="failed", error=output.error or "no result",
+                              error_kind=output.error_kind)
+        entry = ModelEntry(**base, status="ok", backend=info.backend, parity=info.parity)
+        value = output.result
+        if isinstance(value, SeverityResult):
+            entry.score, entry.grade, entry.probabilities = value.score, value.grade, value.probabilities
+            return entry
+        assert isinstance(value, SegmentationResult)
+        entry.mask = mask_path(name, info.name)
+        atomic_write(self.out / entry.mask, encode_png(value.mask))
+        if value.probabilities is not None:
+            entry.probability_map = probability_path(name, info.name)
+            atomic_write(self.out / entry.probability_map, encode_npz(value.probabilities))
+        entry.area_fraction, entry.components = value.area_fraction, value.components
+        return entry
+
+    def write(self, result: ImageResult) -> ImageOutcome:
+        """Write one image's files and its record. Raises RuntimeFailure when OUT is not writable."""
+        entries = {name: self._entry(self.models[name], out, result.name) for name, out in result.outputs.items()}
+        models: dict[str, ModelEntry] = {}
+        previous = read_record(self.out, result.name)
+        if previous and previous.sha256 == result.sha256:
+            # Results of models not selected in this run stay valid for the same image bytes.
+            models.update({k: v for k, v in previous.models.items() if k not in entries})
+        models.update(entries)
+        failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok]
+        record = ImageRecord(
+            image=result.image, name=result.name, sha256=result.sha256,
+            size=list(result.size) if result.size else None,
+            status="failed" if failed else "ok",
+            error=result.error or ("; ".join(failed) if failed else None),
+            models=models, legitseg=__version__, run_id=self.run_id,
+            written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            source=result.source, format=FORMAT_VERSION,
+        )
+        write_record(self.out, record)
+        return ImageOutcome(record, record.rows(set(self.models)))
+
+    def consume(self, results: Iterable[ImageResult]) -> Iterator[ImageOutcome]:
+        """Write results in a small thread pool; yield outcomes in input order.
+
+        At most 2 x writers images wait to be written, whatever the number of inputs.
+        """
+        pool = ThreadPoolExecutor(self.writers, thread_name_prefix="legitseg-write")
+        queued: deque[Future] = deque()
         try:
-            p.unlink()
-            removed += 1
-        except OSError:
-            pass  # vanished or not removable: it never carries a final name, so it is harmless
-    return removed
+            for result in results:
+                queued.append(pool.submit(self.write, result))
+                while len(queued) > 2 * self.writers:
+                    yield queued.popleft().result()
+            while queued:
+                yield queued.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -452,11 +452,13 @@ def test_out_of_memory_retries_image_by_image(kit, tmp_path):
         img = photo(40, 40, i) if value is None else np.full((40, 40, 3), value, np.uint8)
         (d / f"{i}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
         sources.append(Source(d / f"{i}.png", f"{i}.png"))
-    engine = Engine([TorchRunner(loaded, torch.device("cpu"))], tmp_path / "out", batch_size=3, workers=0,
-                    writers=1, save_probabilities=False, max_pixels=10**8, stop=threading.Event(), run_id="t")
-    outcomes = list(engine.process(sources))
-    assert [o.ok for o in outcomes] == [True, True, False]
-    assert "out of memory" in outcomes[2].record["error"]
+    engine = Engine([TorchRunner(loaded, torch.device("cpu"))], batch_size=3, workers=0, post_threads=1,
+                    save_probabilities=False, max_pixels=10**8, stop=threading.Event())
+    results = list(engine.process(sources))
+    assert [r.outputs["seg"].error is None for r in results] == [True, True, False]
+    assert "out of memory" in results[2].outputs["seg"].error
+    assert results[2].outputs["seg"].error_kind == "oom"
+    assert engine.batch_limit["seg"] == 1  # the size that fits is kept for the rest of the run
 
 
 # -- 9. determinism -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from legitseg.errors import (
     EXIT_SIGPIPE,
     EXIT_SIGTERM,
     LegitsegError,
-    UsageError,
+    RuntimeFailure,
 )
 
 
@@ -104,7 +104,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass [default: 16 on CUDA, 4 on CPU]")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode threads; 0 decodes inline [default: by device and cores]")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 (CUDA only) | bf16")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 (IEEE fp32 math) | tf32 (CUDA only) | fp16 (CUDA only) | bf16")] = "fp32",
     backend: Annotated[str | None, typer.Option(
         help="auto | torch | onnxruntime; auto = onnxruntime on the CPU, torch on CUDA "
              "[default: each model's manifest `backend`, itself auto by default]")] = None,
@@ -122,6 +122,9 @@ def run(
                     save_probabilities, overwrite, max_pixels, jsonl, quiet)
     except LegitsegError as err:
         raise fail(err) from None
+    except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
+        log.debug("unexpected error", exc_info=True)
+        raise fail(RuntimeFailure(f"unexpected {type(err).__name__}: {err} (rerun with -v for the traceback)")) from None
     raise typer.Exit(code)
 
 
@@ -130,20 +133,12 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
     from legitseg.run import Finished, Planned, RunConfig, Skipped, Started, execute
     from legitseg.writers import ImageOutcome
 
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UsageError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
-    if backend is not None and backend not in ("auto", "torch", "onnxruntime"):
-        raise UsageError(f"--backend {backend!r}: choose auto, torch or onnxruntime")
     m = load(manifest)
     specs = m.select(split(models))
     cfg = RunConfig(
         inputs=inputs, out=out, manifest=m, models=specs, device=device, batch_size=batch_size,
         workers=workers, precision=precision, backend=backend, save_probabilities=save_probabilities,
-        overwrite=overwrite, max_pixels=max_pixels,
-        arguments={"inputs": inputs, "out": str(out), "models": [s.name for s in specs], "device": device,
-                   "batch_size": batch_size, "workers": workers, "precision": precision, "backend": backend,
-                   "save_probabilities": save_probabilities, "overwrite": overwrite, "max_pixels": max_pixels},
-        stdin_lines=sys.stdin if "-" in inputs else None,
+        overwrite=overwrite, max_pixels=max_pixels, stdin=sys.stdin if "-" in inputs else None,
     )
     stdout = sys.stdout
     progress: _Progress | None = None
@@ -162,7 +157,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                              ", ".join(f"{k} ({v})" for k, v in event.backends.items()))
                 elif isinstance(event, ImageOutcome):
                     if not event.ok:
-                        log.warning("failed: %s: %s", event.source.path, event.record.get("error"))
+                        log.warning("failed: %s: %s", event.record.image, event.record.error)
                     if jsonl:
                         _emit(stdout, event.rows, signals)
                     progress.advance(event.ok)

@@ -1,4 +1,4 @@
-"""Device choice, batched normalisation and forward passes (SPEC 4.2, 4.5).
+"""Device choice, math mode and the torch backend (SPEC 4.2, 4.5).
 
 A `TorchRunner` wraps one loaded model on one device. Input arrays arrive as
 uint8 HWC from the decode workers; normalisation runs on the model's device so
@@ -8,22 +8,25 @@ that only uint8 crosses the host-to-device copy.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.pipeline.decode import Prep
+from legitseg.pipeline.runners import Preprocessor, prep_for
 
 if TYPE_CHECKING:
     from legitseg.factory import LoadedModel
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Autocast dtype per --precision; tf32 is fp32 storage with TensorFloat-32 matmuls and convolutions.
+PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def choose_device(requested: str) -> torch.device:
@@ -53,20 +56,39 @@ def choose_device(requested: str) -> torch.device:
 
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+        raise UsageError(f"--precision {precision!r}: choose fp32, tf32, fp16 or bf16")
+    if precision in ("fp16", "tf32") and device.type != "cuda":
+        raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 or bf16")
 
 
-def prep_for(loaded: LoadedModel) -> Prep:
-    spec = loaded.spec
-    return Prep(spec.resize, spec.input_size if spec.resize == "stretch" else None,
-                spec.interpolation, spec.in_channels)
+@contextlib.contextmanager
+def math_mode(precision: str) -> Iterator[dict[str, object]]:
+    """TensorFloat-32 off for fp32 (IEEE fp32 math on every device), on for tf32; restored after.
+
+    PyTorch lets cuDNN use TF32 for convolutions by default, so without this an
+    "fp32" run on an Ampere-or-newer GPU is not fp32. Yields what was in force, for run.json.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if precision in ("fp32", "tf32"):
+        allow = precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield {"precision": precision,
+               "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+               "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+               "autocast": str(PRECISIONS.get(precision)).removeprefix("torch.") if PRECISIONS.get(precision) else None}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass
 class TorchRunner:
-    """Forward passes of one model on one device."""
+    """Forward passes of one model on one device, in torch.
+
+    Works on its own copy of the module when the device or memory format differs,
+    so the loaded module (which the ONNX export and the parity gate also use) is never changed.
+    """
 
     loaded: LoadedModel
     device: torch.device
@@ -74,38 +96,17 @@ class TorchRunner:
     channels_last: bool = True
     backend: str = "torch"
     parity: float | None = None
+    image_errors: tuple[type[BaseException], ...] = field(default=())
 
     def __post_init__(self) -> None:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = self.loaded.module.to(self.device, memory_format=fmt)
-        c = self.loaded.spec.in_channels
-        self.mean = torch.tensor(self.loaded.mean, device=self.device).view(1, c, 1, 1) * 255.0
-        self.std = torch.tensor(self.loaded.std, device=self.device).view(1, c, 1, 1) * 255.0
-        self.prep = prep_for(self.loaded)
+        self.module = copy.deepcopy(self.loaded.module).to(self.device, memory_format=fmt)
+        self.pre = Preprocessor.for_model(self.loaded, self.device, self.channels_last)
+        self.prep: Prep = prep_for(self.loaded)
 
     @property
     def name(self) -> str:
         return self.loaded.spec.name
-
-    def to_tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Stack same-shape uint8 HWC arrays, move them to the device, normalise: (x/255 - mean)/std."""
-        batch = torch.from_numpy(np.stack(arrays))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = batch.permute(0, 3, 1, 2).float()
-        # (x/255 - m)/s == (x - 255m)/(255s): one subtraction and one division per pixel.
-        return ((x - self.mean) / self.std).contiguous(
-            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
-        )
-
-    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Zero-pad the normalised batch bottom/right to the model's stride (SPEC 4.2 `pad`)."""
-        h, w = x.shape[-2:]
-        s = self.loaded.stride
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return x, (h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits as float32 on the device."""
@@ -118,10 +119,4 @@ class TorchRunner:
 
     def logits(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Logits for a batch of same-shape inputs; padding (pad models) already cropped off."""
-        with torch.inference_mode():
-            x = self.to_tensor(arrays)
-            if self.prep.resize == "pad":
-                x, (h, w) = self.pad(x)
-                y = self.forward(x)
-                return y[..., :h, :w] if y.ndim == 4 else y
-            return self.forward(x)
+        return self.pre.run(self.forward, arrays)

@@ -6,29 +6,26 @@ for, the float16 probabilities) come back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from legitseg.manifest import ModelSpec
+from legitseg.records import SegmentationResult, SeverityResult
+
+__all__ = ["SegmentationResult", "SeverityResult", "activation", "count_components", "segmentation", "severity"]
 
 
-@dataclass
-class SegmentationResult:
-    mask: np.ndarray  # (H, W) uint8, or uint16 above 255 classes
-    probabilities: np.ndarray | None  # (C, H, W) float16 when kept
-    area_fraction: dict[str, float]
-    components: dict[str, int]
+def activation(logits: torch.Tensor, spec: ModelSpec, dim: int = 1) -> torch.Tensor:
+    """The activation legitseg applies (SPEC 4.3, 4.4); classes along `dim`.
 
-
-@dataclass
-class SeverityResult:
-    probabilities: list[float]
-    grade: int
-    score: float
+    Segmentation: sigmoid for one class, else softmax. Severity: softmax(logits / temperature).
+    The parity gate and the postprocessing below both use this one definition.
+    """
+    if spec.task == "severity":
+        return torch.softmax(logits / spec.temperature, dim=dim)
+    return torch.sigmoid(logits) if spec.classes == 1 else torch.softmax(logits, dim=dim)
 
 
 def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
@@ -36,12 +33,11 @@ def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
     """One image's logits (C, h, w) -> result at the original size (H, W)."""
     with torch.inference_mode():
         up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        prob = activation(up, spec, dim=0)
         if spec.classes == 1:
-            prob = torch.sigmoid(up)
             mask_t = (prob[0] > spec.threshold).to(torch.uint8)
             counts = torch.stack([(mask_t == 0).sum(), mask_t.sum(dtype=torch.int64)])
         else:
-            prob = torch.softmax(up, dim=0)
             mask_t = prob.argmax(dim=0)
             counts = torch.bincount(mask_t.flatten(), minlength=spec.classes)
             mask_t = mask_t.to(torch.uint8 if spec.classes <= 256 else torch.int32)
@@ -66,6 +62,6 @@ def count_components(mask: np.ndarray, label: int) -> int:
 def severity(logits: torch.Tensor, spec: ModelSpec) -> SeverityResult:
     """One image's logits (classes,) -> probabilities, grade (argmax) and score (expected class value)."""
     with torch.inference_mode():
-        p = torch.softmax(logits.float() / spec.temperature, dim=0).cpu().double().numpy()
+        p = activation(logits.float(), spec, dim=0).cpu().double().numpy()
     values = np.asarray(spec.values, dtype=np.float64)
     return SeverityResult([float(v) for v in p], int(p.argmax()), float((p * values).sum()))
