@@ -332,6 +332,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     this says what each one costs.
     """
     from legitseg.factory import load_model
+    from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.manifest import load_manifest
     from legitseg.pipeline import postprocess
     from legitseg.pipeline.decode import (
@@ -341,7 +342,6 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         prepare,
         read_bytes,
     )
-    from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.pipeline.infer import TorchRunner
     from legitseg.writers import encode_png, record_path
 

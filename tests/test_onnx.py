@@ -25,10 +25,10 @@ from legitseg.export import read_sidecar
 from legitseg.factory import load_model
 from legitseg.manifest import load_manifest
 from legitseg.onnx_backend import cache_dir, cached_onnx
+from legitseg.pipeline.infer import TorchRunner
 from legitseg.pipeline.ort_runner import OrtRunner, ort_threads
 from legitseg.pipeline.ort_runner import gate as ort_gate
 from legitseg.pipeline.runners import choose_backend
-from legitseg.pipeline.infer import TorchRunner
 from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
