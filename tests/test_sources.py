@@ -51,8 +51,9 @@ def test_the_order_does_not_depend_on_creation_order(tmp_path):
 
 
 def test_suffixes_are_matched_case_insensitively(tmp_path):
-    found = ["A.JPG", "b.Jpeg", "c.PNG", "d.TiF", "e.TIFF", "f.WebP", "g.BMP", "h.GIF", "i.jpeg"]
-    ignored = ["j.jpgx", "k.txt", "l.jpg.bak", "m", "n.JPG.json", "o.heic"]
+    found = ["A.JPG", "b.Jpeg", "c.PNG", "d.TiF", "e.TIFF", "f.WebP", "g.BMP", "h.GIF", "i.jpeg",
+             "o.heic", "p.HEIF", "q.jpe"]
+    ignored = ["j.jpgx", "k.txt", "l.jpg.bak", "m", "n.JPG.json"]
     touch(tmp_path, *found, *ignored)
     assert names(discover([str(tmp_path)])) == sorted(found)
 
