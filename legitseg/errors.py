@@ -50,4 +50,12 @@ class OutputLocked(LegitsegError):
 
 
 class ImageError(Exception):
-    """One image cannot be processed; recorded as `failed`, the run goes on."""
+    """One image cannot be processed; recorded as `failed`, the run goes on.
+
+    `sha256` is the hash of the file's bytes when they could be read, so the record
+    of a bad file still identifies its content.
+    """
+
+    def __init__(self, message: str, *, sha256: str | None = None):
+        super().__init__(message)
+        self.sha256 = sha256

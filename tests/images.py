@@ -105,3 +105,23 @@ def image_set(root: Path) -> dict[str, Path]:
         "visit2/photo.jpg": save(root / "visit2/photo.jpg", picture(70, 40, 19)),
     }
     return files
+
+
+# A fake MP4 as Google/Samsung motion photos append after the JPEG: an `ftyp` box, then an `mdat`
+# box whose payload holds JPEG-like marker bytes (start-of-scan, end-of-image) on purpose.
+FAKE_MP4 = (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+            + b"\x00\x00\x00\x30mdat" + b"\xff\xd9\x00\x11" * 4 + b"\xff\xda\x00\x0c" + b"\x42" * 20)
+
+
+def save_heic(path: Path, arr: np.ndarray, orientation: int | None = None, quality: int = 95) -> Path:
+    """Write a HEIC with pillow-heif (libheif + x265), with an EXIF orientation if given."""
+    import pillow_heif
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[ORIENTATION] = orientation
+        params["exif"] = exif.tobytes()
+    pillow_heif.from_pillow(Image.fromarray(arr)).save(path, quality=quality, **params)
+    return path

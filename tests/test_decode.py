@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from PIL import Image, ImageOps
 from legitseg.errors import ImageError
 from legitseg.pipeline.decode import Prep, load_image
 from legitseg.pipeline.sources import Source
-from tests.images import picture, picture16, png16, save, save_palette
+from tests.images import FAKE_MP4, picture, picture16, png16, save, save_heic, save_palette
 
 MAX_PIXELS = 100_000_000
 
@@ -226,3 +229,132 @@ def test_max_pixels_refuses_before_decoding(tmp_path):
     with pytest.raises(ImageError, match="above --max-pixels"):
         decoded(path, max_pixels=30 * 40 - 1)
     assert decoded(path, max_pixels=30 * 40).size == (30, 40)
+
+
+# -- only regular files are read --------------------------------------------------------------
+def test_a_fifo_named_like_an_image_fails_without_blocking(tmp_path):
+    path = tmp_path / "x.jpg"
+    os.mkfifo(path)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            decoded(path)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            outcome.append(err)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # unblock the reader so the daemon thread can end
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail("reading a FIFO blocked")
+    assert isinstance(outcome[0], ImageError) and str(outcome[0]) == "not a regular file (FIFO)"
+
+
+def test_a_socket_named_like_an_image_fails(tmp_path):
+    path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        with pytest.raises(ImageError, match=r"not a regular file \(socket\)"):
+            decoded(path)
+
+
+def test_a_character_device_is_refused():
+    with pytest.raises(ImageError, match=r"not a regular file \(character device\)"):
+        decoded(Path("/dev/null"))
+
+
+# -- bytes after the image, and truncation found by parsing ----------------------------------------
+@pytest.mark.parametrize("params", [{"quality": 90}, {"quality": 90, "progressive": True}],
+                         ids=["baseline", "progressive"])
+def test_a_motion_photo_jpeg_decodes_like_the_still(tmp_path, params):
+    still = save(tmp_path / "still.jpg", picture(60, 80, 3), **params)
+    motion = tmp_path / "PXL_0001.MP.jpg"
+    motion.write_bytes(still.read_bytes() + FAKE_MP4)
+    np.testing.assert_array_equal(rgb_of(motion), rgb_of(still))
+
+
+def test_a_jpeg_with_an_exif_thumbnail_and_trailing_bytes_decodes(tmp_path):
+    thumb = io.BytesIO()
+    Image.fromarray(picture(8, 8, 1)).save(thumb, "JPEG")  # its own SOI/EOI inside APP1
+    still = save(tmp_path / "s.jpg", picture(30, 40, 2), quality=90,
+                 exif=b"Exif\x00\x00" + b"\x00" * 8 + thumb.getvalue())
+    path = tmp_path / "t.jpg"
+    path.write_bytes(still.read_bytes() + b"trailing metadata \xff\xda\x00")
+    np.testing.assert_array_equal(rgb_of(path), rgb_of(still))
+
+
+def test_a_png_with_bytes_after_iend_decodes(tmp_path):
+    plain = save(tmp_path / "p.png", picture(20, 30, 4))
+    path = tmp_path / "q.png"
+    path.write_bytes(plain.read_bytes() + b"\x00" * 64 + b"appended by a tool")
+    np.testing.assert_array_equal(rgb_of(path), rgb_of(plain))
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9, -2])
+def test_a_truncated_motion_photo_is_still_refused(tmp_path, cut):
+    data = save(tmp_path / "s.jpg", picture(60, 80, 3), quality=90).read_bytes()
+    end = int(len(data) * cut) if cut > 0 else len(data) + cut  # -2: only the EOI marker is missing
+    path = tmp_path / "t.jpg"
+    path.write_bytes(data[:end])
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        decoded(path)
+
+
+def test_a_png_cut_inside_its_last_chunk_is_refused(tmp_path):
+    data = save(tmp_path / "p.png", picture(20, 30, 4)).read_bytes()
+    path = tmp_path / "t.png"
+    path.write_bytes(data[:-6])  # IEND's type is there, its CRC is not
+    with pytest.raises(ImageError, match="truncated PNG"):
+        decoded(path)
+
+
+# -- HEIC / HEIF ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("orientation", [None, 6, 3])
+def test_heic_decodes_oriented_like_the_same_picture_as_jpeg(tmp_path, orientation):
+    arr = picture(48, 80, 7)
+    heic = rgb_of(save_heic(tmp_path / "IMG_0001.HEIC", arr, orientation=orientation))
+    jpeg = rgb_of(save(tmp_path / "IMG_0001.jpg", arr, orientation=orientation, quality=95))
+    assert heic.shape == jpeg.shape == ((80, 48, 3) if orientation == 6 else (48, 80, 3))
+    diff = np.abs(heic.astype(int) - jpeg.astype(int))
+    assert diff.mean() < 6  # two lossy codecs of one picture
+    upside_down = np.abs(heic.astype(int) - ORIENTED[3](jpeg).astype(int))
+    assert upside_down.mean() > 20  # the tolerance tells a wrongly turned picture apart
+
+
+def test_heic_header_is_checked_against_max_pixels(tmp_path):
+    path = save_heic(tmp_path / "a.heif", picture(30, 40, 1))
+    with pytest.raises(ImageError, match="30 = 1,200 pixels, above --max-pixels"):
+        decoded(path, max_pixels=1199)
+
+
+def test_truncated_heic_is_refused(tmp_path):
+    data = save_heic(tmp_path / "a.heic", picture(30, 40, 1)).read_bytes()
+    path = tmp_path / "t.heic"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="HEIF"):
+        decoded(path)
+
+
+# -- names, Pillow's guard, ImageError ---------------------------------------------------------------
+def test_a_file_with_an_undecodable_name_decodes(tmp_path):
+    data = save(tmp_path / "a.png", picture(10, 12, 3)).read_bytes()
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with open(raw, "wb") as f:
+        f.write(data)
+    path = Path(os.fsdecode(raw))
+    np.testing.assert_array_equal(load_image(Source(path, "caf%E9.png"), [PAD], MAX_PIXELS).inputs[PAD],
+                                  rgb_of(tmp_path / "a.png"))
+
+
+def test_pillows_decompression_bomb_guard_stays_on():
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0
+
+
+def test_image_error_takes_its_sha256_as_a_keyword():
+    err = ImageError("bad", sha256="ab" * 32)
+    assert (str(err), err.sha256) == ("bad", "ab" * 32)
+    assert ImageError("no hash").sha256 is None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from legitseg.errors import UsageError
-from legitseg.pipeline.sources import discover
+from legitseg.pipeline.sources import discover, discover_all
 
 
 def touch(root: Path, *names: str) -> None:
@@ -51,8 +54,9 @@ def test_the_order_does_not_depend_on_creation_order(tmp_path):
 
 
 def test_suffixes_are_matched_case_insensitively(tmp_path):
-    found = ["A.JPG", "b.Jpeg", "c.PNG", "d.TiF", "e.TIFF", "f.WebP", "g.BMP", "h.GIF", "i.jpeg"]
-    ignored = ["j.jpgx", "k.txt", "l.jpg.bak", "m", "n.JPG.json", "o.heic"]
+    found = ["A.JPG", "b.Jpeg", "c.PNG", "d.TiF", "e.TIFF", "f.WebP", "g.BMP", "h.GIF", "i.jpeg",
+             "o.heic", "p.HEIF", "q.jpe"]
+    ignored = ["j.jpgx", "k.txt", "l.jpg.bak", "m", "n.JPG.json"]
     touch(tmp_path, *found, *ignored)
     assert names(discover([str(tmp_path)])) == sorted(found)
 
@@ -151,3 +155,122 @@ def test_folder_search_skips_hidden_files_and_folders_but_not_named_ones(tmp_pat
     (root / ".thumbnails" / "a.jpg").write_bytes(b"x")
     assert [s.name for s in discover([str(root)])] == ["a.jpg"]
     assert [s.name for s in discover([str(root / "._a.jpg")])] == ["._a.jpg"]
+
+
+# -- discover_all: stdin as bytes, what is skipped and why, empty folders, OUT ------------------
+def reasons(discovery) -> dict[str, str]:
+    return dict(discovery.skipped)
+
+
+def test_stdin_is_read_as_bytes_one_path_per_line(tmp_path):
+    touch(tmp_path, "a.jpg", "b c.png")
+    stdin = io.BytesIO(f"{tmp_path / 'a.jpg'}\r\n\n  \n{tmp_path / 'b c.png'}".encode())
+    found = discover_all(["-"], stdin)
+    assert [s.path for s in found.sources] == [tmp_path / "a.jpg", tmp_path / "b c.png"]
+
+
+def test_null_separated_stdin_keeps_names_exactly(tmp_path):
+    odd = ["line\nbreak.jpg", " lead.png", "cr\r.jpg", "plain.jpg"]
+    touch(tmp_path, *odd)
+    stdin = io.BytesIO(b"".join(os.fsencode(tmp_path / n) + b"\0" for n in odd))  # find -print0
+    found = discover_all(["-"], stdin, null=True)
+    assert [s.path for s in found.sources] == [tmp_path / n for n in odd]
+    assert [s.name for s in found.sources] == odd
+    assert found.sources[0].display.endswith("line\\nbreak.jpg")  # printable in a log line
+
+
+def test_nul_bytes_on_stdin_without_null_are_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="NUL bytes.*--null"):
+        discover_all(["-"], io.BytesIO(f"{tmp_path / 'a.jpg'}\0{tmp_path / 'b.jpg'}\0".encode()))
+
+
+def test_skipped_files_are_listed_with_a_reason(tmp_path):
+    root = tmp_path / "photos"
+    touch(root, "a.jpg", "notes.txt", "._a.jpg", ".thumbnails/t.jpg", "sub/b.HEIC", "sub/c.jpg.bak")
+    found = discover_all([str(root)])
+    assert [s.name for s in found.sources] == ["a.jpg", "sub/b.HEIC"]
+    assert reasons(found) == {
+        str(root / "._a.jpg"): "hidden file",
+        str(root / ".thumbnails"): "hidden folder",
+        str(root / "notes.txt"): "suffix is not an image type",
+        str(root / "sub/c.jpg.bak"): "suffix is not an image type",
+    }
+
+
+@pytest.mark.parametrize("marker", [[".legitseg-out"], [".legitseg.lock", "records/r.json"]])
+def test_a_folder_holding_a_legitseg_output_is_not_searched(tmp_path, marker):
+    root = tmp_path / "in"
+    touch(root, "a.jpg", "old_out/masks/m/a.jpg.png", *("old_out/" + m for m in marker))
+    found = discover_all([str(root)])
+    assert [s.name for s in found.sources] == ["a.jpg"]
+    assert reasons(found) == {str(root / "old_out"): "holds a legitseg output folder (not searched)"}
+
+
+def test_out_inside_the_input_folder_is_never_searched(tmp_path):
+    root = tmp_path / "in"
+    touch(root, "a.jpg", "out/masks/m/a.jpg.png")  # OUT of a run without a marker yet
+    found = discover_all([str(root)], out=root / "out" / ".." / "out")  # compared by real path
+    assert [s.name for s in found.sources] == ["a.jpg"]
+    assert reasons(found) == {str(root / "out"): "the output folder (OUT) is never searched"}
+    # Paths listed on stdin (find in | legitseg run - -o in/out) are held to the same rule.
+    stdin = io.BytesIO(f"{root / 'a.jpg'}\n{root / 'out/masks/m/a.jpg.png'}\n".encode())
+    piped = discover_all(["-"], stdin, out=root / "out")
+    assert [s.name for s in piped.sources] == ["a.jpg"]
+    assert reasons(piped) == {str(root / "out/masks/m/a.jpg.png"): "inside the output folder (OUT)"}
+
+
+def test_symlinked_folders_are_followed_once_and_loops_reported(tmp_path):
+    touch(tmp_path / "elsewhere", "far.jpg")
+    root = tmp_path / "in"
+    touch(root, "sub/a.jpg")
+    (root / "archive").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # points back up
+    (root / "twin").symlink_to(root / "sub", target_is_directory=True)  # same folder twice
+    found = discover_all([str(root)])
+    assert [s.name for s in found.sources] == ["archive/far.jpg", "sub/a.jpg"]
+    loop = "symbolic link to a folder already searched (not searched twice)"
+    assert reasons(found) == {str(root / "sub/loop"): loop, str(root / "twin"): loop}
+
+
+@contextlib.contextmanager
+def without_root():
+    """Run the block as an unprivileged user when the tests run as root (root reads anything)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_folder_is_listed_with_the_reason():
+    base = Path(tempfile.mkdtemp(prefix="legitseg-unreadable-"))
+    try:
+        base.chmod(0o755)
+        touch(base, "a.jpg", "locked/b.jpg")
+        (base / "locked").chmod(0)
+        with without_root():
+            found = discover_all([str(base)])
+        assert [s.name for s in found.sources] == ["a.jpg"]
+        assert reasons(found) == {str(base / "locked"): "folder cannot be listed: Permission denied"}
+    finally:
+        (base / "locked").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_folder_inputs_without_images_are_reported_as_empty(tmp_path):
+    touch(tmp_path, "full/a.jpg", "texts/notes.txt")
+    (tmp_path / "empty").mkdir()
+    found = discover_all([str(tmp_path / "full"), str(tmp_path / "empty"), str(tmp_path / "texts")])
+    assert [s.name for s in found.sources] == ["a.jpg"]
+    assert found.empty_inputs == [str(tmp_path / "empty"), str(tmp_path / "texts")]
+
+
+def test_a_fifo_named_like_an_image_is_listed_to_fail_as_one_image(tmp_path):
+    os.mkfifo(tmp_path / "x.jpg")
+    os.mkfifo(tmp_path / "y.txt")
+    found = discover_all([str(tmp_path)])
+    assert [s.name for s in found.sources] == ["x.jpg"]
+    assert reasons(found) == {str(tmp_path / "y.txt"): "suffix is not an image type"}

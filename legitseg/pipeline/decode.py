@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +22,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
+from legitseg.pipeline.containers import heif_header, jpeg_end, png_end
 from legitseg.pipeline.sources import Source
 
-# Header sizes are checked against --max-pixels by us; Pillow only reads headers here.
-Image.MAX_IMAGE_PIXELS = None
+log = logging.getLogger(__name__)
+# warnings.catch_warnings swaps process-wide filters; decode threads entering and leaving it
+# concurrently could leave "ignore" installed for good, so header checks take turns.
+_WARNINGS_LOCK = threading.Lock()
 DEFAULT_MAX_PIXELS = 100_000_000
 _CV_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # applies EXIF orientation, keeps 16-bit
 INTERPOLATION = {
@@ -51,20 +57,54 @@ class DecodedImage:
     inputs: dict[Prep, np.ndarray] = field(default_factory=dict)  # HWC uint8 per Prep
 
 
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return word
+    return "special file"
+
+
+def _os_reason(err: OSError) -> str:
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes, or an ImageError saying why they cannot be had."""
-    if path.is_symlink() and not path.exists():
-        raise ImageError(f"dangling symbolic link (points to {os.readlink(path)})")
-    if path.is_dir():
-        raise ImageError("is a folder, not an image file")
+    """The bytes of a regular file, or an ImageError saying why they cannot be had.
+
+    The file is stat-ed before it is opened, and opened non-blocking and checked again,
+    so a FIFO, socket or device named like an image is refused without ever blocking.
+    """
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        if os.path.islink(path):
+            raise ImageError(f"dangling symbolic link (points to {os.readlink(path)})") from err
+        raise ImageError("file not found") from err
+    except PermissionError as err:
+        raise ImageError("not readable: permission denied") from err
+    except OSError as err:
+        raise ImageError(f"cannot read: {_os_reason(err)}") from err
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"not a regular file ({_kind(mode)})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError as err:
         raise ImageError("file not found") from err
     except PermissionError as err:
         raise ImageError("not readable: permission denied") from err
     except OSError as err:
-        raise ImageError(f"cannot read: {os.strerror(err.errno) if err.errno else err}") from err
+        raise ImageError(f"cannot read: {_os_reason(err)}") from err
+    with open(fd, "rb", closefd=True) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):  # swapped for something else between stat and open
+            raise ImageError(f"not a regular file ({_kind(mode)})")
+        try:
+            data = f.read()
+        except OSError as err:
+            raise ImageError(f"cannot read: {_os_reason(err)}") from err
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
@@ -74,17 +114,37 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_header(data: bytes, max_pixels: int) -> str:
-    """Identify the format from the header and refuse images that declare too many pixels.
-
-    Pillow's open() parses only the header, so a decompression bomb is rejected
-    before any pixel buffer exists. Returns the format name (JPEG, PNG, ...).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+def _pillow_header(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from Pillow's header parse; no pixel buffer is allocated."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        # DecompressionBombWarning: we compare the size with --max-pixels ourselves below.
+        warnings.simplefilter("always")
+        try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format or "unknown", im.size
+        finally:
+            for w_ in caught:
+                log.debug("Pillow warning on header: %s", w_.message)
+    return fmt, w, h
+
+
+def check_header(data: bytes, max_pixels: int) -> str:
+    """Identify the format from the header, refuse too many pixels and truncated files.
+
+    Only headers are parsed (Pillow's open(), or libheif's for HEIF), so a
+    decompression bomb is rejected before any pixel buffer exists. JPEG and PNG are
+    walked segment by segment (chunk by chunk) to the marker that ends the image, so
+    bytes after it (a motion photo's video, appended metadata) are allowed and a file
+    cut short is not. Returns the format name (JPEG, PNG, HEIF, ...). Raises ImageError.
+    """
+    heif = heif_header(data)
+    try:
+        if heif is not None:
+            fmt, w, h = "HEIF", *heif
+        else:
+            fmt, w, h = _pillow_header(data)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{err} (Pillow's decompression-bomb limit); not decoded") from err
     except UnidentifiedImageError as err:
         head = data[:16]
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
@@ -98,13 +158,11 @@ def check_header(data: bytes, max_pixels: int) -> str:
             f"header declares {w}x{h} = {w * h:,} pixels, above --max-pixels {max_pixels:,} "
             "(possible decompression bomb); not decoded"
         )
-    if fmt == "JPEG":
-        # A JPEG cut short decodes to a half-grey picture with only a warning; its last
-        # end-of-image marker must come after the last start-of-scan marker.
-        if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-            raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
-    elif fmt == "PNG" and b"IEND" not in data[-32:]:
-        raise ImageError("truncated PNG (no IEND chunk at the end)")
+    # A JPEG cut short decodes to a half-grey picture with only a warning from libjpeg.
+    if fmt == "JPEG" and jpeg_end(data) is None:
+        raise ImageError("truncated JPEG (the data ends before the end-of-image marker)")
+    if fmt == "PNG" and png_end(data) is None:
+        raise ImageError("truncated PNG (the data ends before the IEND chunk)")
     return fmt
 
 
@@ -126,17 +184,42 @@ def _tiff_unassociated_alpha(data: bytes) -> np.ndarray | None:
     files are decoded by Pillow instead. Raises ImageError.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # check_header has bounded the size already
             bits, extra = tuple(im.tag_v2.get(258, ())), tuple(im.tag_v2.get(338, ()))
             if im.mode != "RGBA" or bits != (8, 8, 8, 8) or 2 not in extra:
                 return None
             return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageError(f"TIFF data could not be decoded: {err}") from err
+
+
+def decode_heif(data: bytes) -> np.ndarray:
+    """Oriented 8-bit RGB of a HEIF/HEIC primary image (libheif through pillow-heif).
+
+    libheif applies the file's rotation and mirror boxes, which HEIF makes normative;
+    the EXIF orientation tag that iPhones also write describes the same turn and is not
+    applied a second time. Images of more than 8 bits are reduced to 8 by pillow-heif.
+    """
+    import pillow_heif  # only HEIF files need libheif
+
+    try:
+        arr = np.asarray(pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=True))
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ImageError(f"HEIF data could not be decoded: {err}") from err
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype != np.uint8:
+        raise ImageError(f"unsupported HEIF sample type {arr.dtype} (8-bit expected)")
+    channels = arr.shape[2]
+    if channels in (1, 2):  # gray, gray + alpha
+        arr = np.repeat(arr[..., :1], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
 
 
 def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
     """Decode to oriented 8-bit RGB (H, W, 3)."""
+    if fmt == "HEIF":
+        return decode_heif(data)
     if fmt == "TIFF":
         rgb = _tiff_unassociated_alpha(data)
         if rgb is not None:
@@ -169,12 +252,13 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int) -> DecodedIma
         fmt = check_header(data, max_pixels)
         rgb = decode_rgb(data, fmt)
     except ImageError as err:
-        err.sha256 = digest  # the record keeps the hash of a bad file too
-        raise
+        # The record keeps the hash of a bad file too.
+        raise ImageError(str(err), sha256=digest) from (err.__cause__ or err)
     except cv2.error as err:
-        raise ImageError(f"OpenCV could not decode it: {str(err).strip().splitlines()[-1]}") from err
+        raise ImageError(f"OpenCV could not decode it: {str(err).strip().splitlines()[-1]}",
+                         sha256=digest) from err
     except MemoryError as err:
-        raise ImageError(f"not enough memory to decode {len(data):,} bytes") from err
+        raise ImageError(f"not enough memory to decode {len(data):,} bytes", sha256=digest) from err
     del data
     item = DecodedImage(source, digest, rgb.shape[:2])
     for prep in preps:

@@ -1,0 +1,99 @@
+"""Where a JPEG or PNG image ends, found by parsing its structure; HEIF header sizes.
+
+Phones append data after a complete image (Google and Samsung motion photos put an MP4
+after the JPEG's end-of-image marker; some tools add metadata after a PNG's IEND), so
+"truncated" cannot be judged from the last bytes of the file. These walkers follow the
+format from the start to the marker that ends the first image; running out of data
+before it means the file was cut short.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0..RST7: markers without a length
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Offset just past the end-of-image marker of the JPEG starting at 0, or None if cut short.
+
+    Segments are skipped by their declared length (so an EXIF thumbnail's own markers are
+    not mistaken for the image's); entropy-coded data after each start-of-scan is
+    scanned for the next marker (0xFF not followed by a stuffed 0x00 or a restart
+    marker). Stray bytes between segments are passed over as libjpeg does.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != _SOI:
+        return None
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0:
+            return None
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == _EOI:
+            return pos
+        if marker in _STANDALONE or marker == 0x00 or marker == _SOI:
+            continue
+        if pos + 2 > n:
+            return None
+        length = struct.unpack_from(">H", data, pos)[0]
+        pos += length
+        if length < 2 or pos > n:
+            return None
+        if marker == _SOS:
+            pos = _scan_end(data, pos)
+            if pos is None:
+                return None
+
+
+def _scan_end(data: bytes, pos: int) -> int | None:
+    """Offset of the 0xFF that starts the first marker after entropy-coded data."""
+    n = len(data)
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= n:
+            return None
+        nxt = data[pos + 1]
+        if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:  # a stuffed 0xFF data byte, or a restart marker
+            pos += 2
+            continue
+        return pos
+
+
+def png_end(data: bytes) -> int | None:
+    """Offset just past the IEND chunk of the PNG starting at 0, or None if cut short."""
+    n = len(data)
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= n:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        pos += 12 + length
+        if pos > n:
+            return None
+        if kind == b"IEND":
+            return pos
+    return None
+
+
+def heif_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a HEIF/HEIC file's primary image as displayed, or None if not HEIF.
+
+    Parses the header only (libheif through pillow-heif); raises OSError or ValueError
+    for a HEIF file whose header cannot be read.
+    """
+    import pillow_heif  # imported on first use: only HEIF files need libheif
+
+    if not pillow_heif.is_supported(data[:64]):
+        return None
+    heif = pillow_heif.open_heif(io.BytesIO(data))
+    return heif.size
