@@ -172,8 +172,9 @@ def test_severity_against_numpy(tmp_path):
         record(out, name, {"sev": {"task": "severity", "status": "ok", "grade": g, "score": g + 0.2,
                                    "probabilities": [0.2] * 5}})
     gt.mkdir()
-    (gt / "severity.csv").write_text("image,grade\n" + "".join(f"{k},{v}\n" for k, v in truth.items()))
-    r = invoke("evaluate", out, gt)
+    grades = tmp_path / "grades.csv"
+    grades.write_text("image,grade,comment\n" + "".join(f"{k},{v},x\n" for k, v in truth.items()))
+    r = invoke("evaluate", out, gt, "--severity-csv", grades)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "evaluation" / "evaluation.json").read_text())["models"]["sev"]
     d = np.array([pred[k] - truth[k] for k in truth], float)
