@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from legitseg import __version__
-from legitseg.cli import misc, run
+from legitseg.cli import evaluate, misc, run
 from legitseg.cli.models import models_app
 from legitseg.errors import EXIT_SIGPIPE
 
@@ -38,6 +38,7 @@ def _root(
 
 run.register(app)
 misc.register(app)
+evaluate.register(app)
 
 
 def main() -> None:
