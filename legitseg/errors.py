@@ -8,6 +8,8 @@ EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
 EXIT_RUNTIME = 4
 EXIT_LOCKED = 5
+EXIT_NO_IMAGES = 6  # --require-images and an INPUT held no images
+EXIT_VERIFY_FAILED = 7  # legitseg verify: a case did not hold
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 EXIT_SIGPIPE = 141  # --jsonl reader closed stdout, as a shell reports SIGPIPE
@@ -47,6 +49,12 @@ class OutputLocked(LegitsegError):
     """Another legitseg run holds the output folder (exit 5)."""
 
     exit_code = EXIT_LOCKED
+
+
+class NoImages(LegitsegError):
+    """--require-images and an INPUT folder held no images (exit 6)."""
+
+    exit_code = EXIT_NO_IMAGES
 
 
 class ImageError(Exception):

@@ -28,7 +28,9 @@ FORMAT_VERSION = 2
 CSV_FIELDS = (
     "image", "model", "status", "error", "mask", "probability_map",
     "area_fraction", "components", "score", "grade", "probabilities", "backend",
+    "run_id", "computed",
 )
+_ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
 # Error kinds. A failure of one of these kinds repeats on the same bytes with the same
 # model; a rerun skips such an image unless asked to retry (`--retry-failed`).
 DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
@@ -199,17 +201,24 @@ class ImageRecord:
         extra = {k: v for k, v in data.items() if k not in known and k != "models"}
         return cls(**values, models=models, extra=extra)
 
-    def rows(self, selected: set[str] | None = None) -> list[dict[str, Any]]:
-        """One row per (image, model), in the record's model order; `selected` filters models."""
+    def rows(self, selected: set[str] | None = None, current_run: str | None = None) -> list[dict[str, Any]]:
+        """One row per (image, model), in the record's model order; `selected` filters models.
+
+        `run_id` is the run that wrote the record; `computed` says whether that is `current_run`
+        (false: the row was carried over, skipped as already done).
+        """
         rows = []
         for model, entry in self.models.items():
             if selected is not None and model not in selected:
                 continue
             data = entry.to_json()
             row = {"image": self.image, "model": model, "status": entry.status}
-            for key in CSV_FIELDS[3:]:
+            for key in _ENTRY_ROW_FIELDS:
                 if data.get(key) is not None:
                     row[key] = data[key]
+            if self.run_id is not None:
+                row["run_id"] = self.run_id
+            row["computed"] = current_run is not None and self.run_id == current_run
             rows.append(row)
         return rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from legitseg.errors import ImageError, LegitsegError, UsageError
+from legitseg.errors import ImageError, LegitsegError, NoImages, UsageError
 from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
 from legitseg.lock import OutputLock
 from legitseg.manifest import Manifest, ModelSpec
 from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes
-from legitseg.pipeline.sources import Source, discover
+from legitseg.pipeline.naming import source_key
+from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_all
 from legitseg.records import ImageRecord
 from legitseg.weights import verify_sha256
 from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
@@ -31,8 +33,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 BACKENDS = ("auto", "torch", "onnxruntime")
-OUT_MARKER = ".legitseg-out"  # in every OUT: folder searches never descend into one
-RUNS = "runs"
+RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
+MAX_LISTED = 1000  # skipped files named in the run file; more are counted
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -56,7 +58,10 @@ class RunConfig:
     save_probabilities: bool = False
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    stdin: IO[str] | None = None  # where INPUT '-' reads paths from
+    retry_failed: bool = False  # redo images whose failure would repeat (bad file, same model)
+    require_images: bool = False  # an INPUT folder without images is an error (exit 6)
+    null: bool = False  # paths on stdin are NUL-separated (find -print0)
+    stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -76,7 +81,8 @@ class RunConfig:
                 "device": self.device, "batch_size": self.batch_size, "workers": self.workers,
                 "precision": self.precision, "backend": self.backend,
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
+                "require_images": self.require_images, "null": self.null}
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Planned:
     total: int
     todo: int
     skipped: int
+    skipped_failed: int = 0  # of `skipped`: failed before and would fail again
 
 
 @dataclass
@@ -108,6 +115,7 @@ class Finished:
     failed: int
     run_json: Path
     run_id: str = ""
+    skipped_failed: int = 0
 
 
 @dataclass
@@ -140,12 +148,16 @@ def default_workers(device_type: str) -> int:
 
 
 def new_run_id(started_at: float) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}"
+    """`<local start time>-<pid>-<4 random hex>`: unique, so no run file is ever overwritten."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: bool,
-         workers: int) -> tuple[list[Source], list[ImageRecord]]:
-    """Split sources into (to process, skipped records). Hashes only images that have a record."""
+         workers: int, retry_failed: bool = False) -> tuple[list[Source], list[ImageRecord]]:
+    """Split sources into (to process, skipped records). Hashes only images that have a record.
+
+    Skipped: same bytes, weights and settings, and done, or failed in a way that would
+    repeat (unless `retry_failed`)."""
     if overwrite:
         return list(sources), []
 
@@ -157,7 +169,7 @@ def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: b
             digest = sha256_bytes(read_bytes(source.path))
         except ImageError:
             return source, None
-        return source, record if record.done_for(models, digest, retry_failed=True) else None
+        return source, record if record.done_for(models, digest, retry_failed) else None
 
     todo, skipped = [], []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="legitseg-plan") as pool:
@@ -181,24 +193,53 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     started_at = time.time()
     for spec in cfg.models:
         verify_sha256(spec.weights, spec.sha256, spec.name)
-    sources = discover(cfg.inputs, cfg.stdin)
+    found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
+    _report_discovery(found, cfg.require_images)
     lock = OutputLock(cfg.out)
     try:
         if cfg.out.exists():
             lock.acquire()
-        yield from _execute_locked(cfg, stop, sources, lock, started_at)
+        yield from _execute_locked(cfg, stop, found, lock, started_at)
     finally:
         lock.release()
 
 
-def _execute_locked(cfg: RunConfig, stop: threading.Event, sources: list[Source], lock: OutputLock,
+def _recorded_source(out: Path):
+    """For naming: the source key OUT records under an output name (older records: their image path)."""
+
+    def existing(name: str) -> str | None:
+        record = read_record(out, name)
+        if record is None:
+            return None
+        return record.source or source_key(record.image)
+
+    return existing
+
+
+def _report_discovery(found: Discovery, require_images: bool) -> None:
+    """Name every file passed over (one line per reason, then the paths) and every empty INPUT."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in found.skipped:
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        shown = ", ".join(paths[:20]) + (f", ... ({len(paths) - 20} more in run.json)" if len(paths) > 20 else "")
+        log.info("skipped %d path(s): %s: %s", len(paths), reason, shown)
+    for folder in found.empty_inputs:
+        log.warning("INPUT %s holds no images", folder)
+    if require_images and (found.empty_inputs or not found.sources):
+        what = ", ".join(found.empty_inputs) or "the INPUTs"
+        raise NoImages(f"--require-images: no images found in {what}")
+
+
+def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, lock: OutputLock,
                     started_at: float) -> Iterator[Any]:
+    sources = found.sources
     # torch (and the device it finds) is imported only when there is work: a rerun with
     # nothing to do stays a matter of hashing files.
     device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     settings = _Settings(batch_size=cfg.batch_size, writers=cfg.writers,
                          workers=cfg.workers if cfg.workers is not None else default_workers(device_type))
-    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2))
+    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed)
     runners: list = []
     if todo and not stop.is_set():
         from legitseg.pipeline.infer import check_precision, choose_device
@@ -219,13 +260,14 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, sources: list[Source]
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     run_id = new_run_id(started_at)
-    counts = {"processed": 0, "skipped": len(skipped), "failed": 0}
+    skipped_failed = sum(not r.ok for r in skipped)
+    counts = {"processed": 0, "skipped": len(skipped), "failed": 0, "skipped_failed": skipped_failed}
     status = "failed"
     try:
-        yield Planned(len(sources), len(todo), len(skipped))
+        yield Planned(len(sources), len(todo), len(skipped), skipped_failed)
         selected = {s.name for s in cfg.models}
         for record in skipped:
-            yield Skipped(record, record.rows(selected))
+            yield Skipped(record, record.rows(selected, run_id))
         if runners and not stop.is_set():
             yield Started(settings.device or "", {r.name: r.backend for r in runners})
             for outcome in _stream(cfg, runners, settings, todo, stop, run_id):
@@ -233,8 +275,9 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, sources: list[Source]
                 yield outcome
         status = "interrupted" if stop.is_set() else "completed"
     finally:
-        run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id)
-    yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json, run_id)
+        run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id, found)
+    yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json, run_id,
+                   skipped_failed)
 
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
@@ -251,15 +294,18 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
                     post_threads=writers, save_probabilities=cfg.save_probabilities,
                     max_pixels=cfg.max_pixels, stop=stop)
     sink = Sink(cfg.out, infos, run_id, writers)
-    with math_mode(cfg.precision) as math:
-        settings.math = math
+    from legitseg.provenance import math_mode as effective_math
+
+    with math_mode(cfg.precision):
+        settings.math = effective_math(settings.device or "cpu", cfg.precision)
         yield from sink.consume(engine.process(todo))
 
 
 def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Settings,
-            runners: list, started_at: float, run_id: str) -> Path:
-    """Rebuild scores.* from the records and write run.json (also after a failure, when possible)."""
-    from legitseg.provenance import command_line, versions
+            runners: list, started_at: float, run_id: str, found: Discovery) -> Path:
+    """Rebuild scores.* from the records, write this run's file under runs/ and run.json
+    (also after a failure, when possible)."""
+    from legitseg.provenance import command_line, environment, versions
 
     models: dict[str, dict[str, Any]] = {
         s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
@@ -268,8 +314,9 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
                               build_seconds=round(r.loaded.build_seconds, 3))
     run_json = cfg.out / "run.json"
     try:
-        rebuild_summaries(cfg.out)
-        write_json(run_json, {
+        scan = rebuild_summaries(cfg.out, run_id)
+        data = {
+            "run_id": run_id,
             "status": status,
             "versions": versions(),
             "device": settings.device,
@@ -281,10 +328,19 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             "arguments": {**cfg.arguments(), "command": command_line()},
             "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
             "models": models,
-            "counts": counts,
+            "counts": {**counts, "unreadable_records": len(scan.unreadable)},
+            "unreadable_records": scan.unreadable[:MAX_LISTED],
+            "inputs": {"stdin": "-" in cfg.inputs, "images": len(found.sources),
+                       "skipped_paths": len(found.skipped),
+                       "skipped": [list(s) for s in found.skipped[:MAX_LISTED]],
+                       "empty_inputs": found.empty_inputs},
+            "environment": environment(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        }
+        # The run's own file first: run.json ("the latest run") may be replaced, runs/ never.
+        write_json(cfg.out / RUNS / f"{run_id}.json", data)
+        write_json(run_json, data)
     except LegitsegError as err:
         if status != "failed":
             raise

@@ -119,15 +119,17 @@ def scan_records(out: Path) -> RecordScan:
     return scan
 
 
-def rebuild_summaries(out: Path) -> RecordScan:
-    """Rewrite scores.jsonl and scores.csv from all records (never duplicated)."""
+def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
+    """Rewrite scores.jsonl and scores.csv from all records (never duplicated).
+
+    Rows written by `current_run` say `computed: true`."""
     jsonl = io.StringIO()
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     scan = scan_records(out)
     for record in scan.records:
-        for row in record.rows():
+        for row in record.rows(current_run=current_run):
             jsonl.write(dumps(row, ensure_ascii=False) + "\n")
             writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
     atomic_write(out / "scores.jsonl", jsonl.getvalue().encode("utf-8", "backslashreplace"))
@@ -209,7 +211,7 @@ class Sink:
             source=result.source, format=FORMAT_VERSION,
         )
         write_record(self.out, record)
-        return ImageOutcome(record, record.rows(set(self.models)))
+        return ImageOutcome(record, record.rows(set(self.models), self.run_id))
 
     def consume(self, results: Iterable[ImageResult]) -> Iterator[ImageOutcome]:
         """Write results in a small thread pool; yield outcomes in input order.
@@ -227,3 +229,9 @@ class Sink:
                 yield queued.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_records(out: Path) -> Iterator[dict[str, Any]]:
+    """Every valid record under OUT as its JSON object (for readers that want plain data)."""
+    for record in scan_records(out).records:
+        yield record.to_json()

@@ -303,7 +303,7 @@ def test_records_summaries_and_run_json(world, runs):
         table = list(reader)
     assert reader.fieldnames == ["image", "model", "status", "error", "mask", "probability_map",
                                  "area_fraction", "components", "score", "grade", "probabilities",
-                                 "backend"]
+                                 "backend", "run_id", "computed"]
     by_key = {key(row): row for row in summary}
     assert len(table) == len(summary)
     for row in table:
@@ -319,7 +319,10 @@ def test_records_summaries_and_run_json(world, runs):
             assert row["score"] == ""
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed"
-    assert run["counts"] == {"processed": len(world.files), "skipped": 0, "failed": 0}
+    assert {row["run_id"] for row in summary} == {run["run_id"]} and all(row["computed"] for row in summary)
+    assert run["counts"] == {"processed": len(world.files), "skipped": 0, "failed": 0, "skipped_failed": 0,
+                             "unreadable_records": 0}
+    assert json.loads((out / "runs" / f"{run['run_id']}.json").read_text()) == run
     assert run["device"] == "cpu" and run["precision"] == "fp32"
     assert run["batch_size"] == 7 and run["workers"] == 2
     assert run["manifest"]["sha256"] == hashlib.sha256(world.manifest.read_bytes()).hexdigest()
@@ -402,7 +405,7 @@ def test_one_bad_image_exits_1_and_the_rest_are_written(world, runs):
     assert record["status"] == "failed"
     assert record["sha256"] == hashlib.sha256((world.bad / "x.jpg").read_bytes()).hexdigest()
     run = json.loads((r.out / "run.json").read_text())
-    assert run["counts"] == {"processed": 2, "skipped": 0, "failed": 1}
+    assert run["counts"] == {"processed": 2, "skipped": 0, "failed": 1, "skipped_failed": 0, "unreadable_records": 0}
     assert len((r.out / "scores.jsonl").read_text().splitlines()) == 3
 
 

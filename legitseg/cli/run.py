@@ -110,6 +110,9 @@ def run(
              "[default: each model's manifest `backend`, itself auto by default]")] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write float16 probability maps (.npz)")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo images that failed before and would fail the same way (unchanged file, same model)")] = False,
+    require_images: Annotated[bool, typer.Option("--require-images", help="Exit 6 when an INPUT folder holds no images (an unmounted share)")] = False,
+    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0)")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = 100_000_000,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON row per (image, model) on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
@@ -119,7 +122,8 @@ def run(
     setup_logging(quiet, verbose)
     try:
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
-                    save_probabilities, overwrite, max_pixels, jsonl, quiet)
+                    save_probabilities, overwrite, max_pixels, jsonl, quiet,
+                    retry_failed=retry_failed, require_images=require_images, null=null)
     except LegitsegError as err:
         raise fail(err) from None
     except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
@@ -129,7 +133,7 @@ def run(
 
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
-         save_probabilities, overwrite, max_pixels, jsonl, quiet) -> int:
+         save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null) -> int:
     from legitseg.run import Finished, Planned, RunConfig, Skipped, Started, execute
     from legitseg.writers import ImageOutcome
 
@@ -138,7 +142,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
     cfg = RunConfig(
         inputs=inputs, out=out, manifest=m, models=specs, device=device, batch_size=batch_size,
         workers=workers, precision=precision, backend=backend, save_probabilities=save_probabilities,
-        overwrite=overwrite, max_pixels=max_pixels, stdin=sys.stdin if "-" in inputs else None,
+        overwrite=overwrite, max_pixels=max_pixels, retry_failed=retry_failed, require_images=require_images,
+        null=null, stdin=_binary_stdin() if "-" in inputs else None,
     )
     stdout = sys.stdout
     progress: _Progress | None = None
@@ -147,7 +152,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
         try:
             for event in execute(cfg, signals.stop):
                 if isinstance(event, Planned):
-                    log.info("%d image(s): %d to process, %d already done", event.total, event.todo, event.skipped)
+                    log.info("%d image(s): %d to process, %d already done%s", event.total, event.todo,
+                             event.skipped, _failed_note(event.skipped_failed))
                     progress = _Progress(event.todo, quiet)
                 elif isinstance(event, Skipped):
                     if jsonl:
@@ -169,9 +175,23 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
     assert finished is not None  # execute() always ends with Finished unless it raised
     log.info("%s: %d processed, %d skipped, %d failed; outputs in %s",
              finished.status, finished.processed, finished.skipped, finished.failed, out)
+    if finished.skipped_failed:
+        log.info("%d skipped image(s) failed in an earlier run and are unchanged; --retry-failed redoes them",
+                 finished.skipped_failed)
     if finished.status == "interrupted":
         return {signal.SIGTERM: EXIT_SIGTERM, signal.SIGPIPE: EXIT_SIGPIPE}.get(signals.signum, EXIT_SIGINT)
     return EXIT_IMAGES_FAILED if finished.failed else EXIT_OK
+
+
+def _failed_note(skipped_failed: int) -> str:
+    if not skipped_failed:
+        return ""
+    return f" (of which {skipped_failed} failed before and are unchanged; --retry-failed redoes them)"
+
+
+def _binary_stdin():
+    """Paths on stdin are bytes: file names need not be valid UTF-8."""
+    return getattr(sys.stdin, "buffer", sys.stdin)
 
 
 def _emit(stream, rows, signals: _Signals) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 import threading
 import warnings
@@ -144,6 +145,11 @@ def check_header(data: bytes, max_pixels: int) -> str:
         else:
             fmt, w, h = _pillow_header(data)
     except Image.DecompressionBombError as err:
+        # Pillow refuses before it tells the size; its message carries the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        if found and int(found.group(1)) > max_pixels:
+            raise ImageError(f"header declares {int(found.group(1)):,} pixels, above --max-pixels "
+                             f"{max_pixels:,} (possible decompression bomb); not decoded") from err
         raise ImageError(f"{err} (Pillow's decompression-bomb limit); not decoded") from err
     except UnidentifiedImageError as err:
         head = data[:16]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import torch
 from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.pipeline import postprocess
 from legitseg.pipeline.decode import DecodedImage, load_image
+from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.runners import Runner
 from legitseg.pipeline.sources import Source
 from legitseg.records import ImageResult, ModelOutput
@@ -36,10 +36,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _display(source: Source) -> str:
-    return getattr(source, "display", None) or str(source.path)
 
 
 class Engine:
@@ -173,14 +169,13 @@ class Engine:
     def _finish(self, item: DecodedImage, outputs: dict[str, ModelOutput]) -> ImageResult:
         done = {r.name: self._postprocess(r, outputs[r.name], item) for r in self.runners}
         source = item.source
-        return ImageResult(_display(source), source.name, os.path.abspath(source.path), item.sha256,
-                           item.size, done)
+        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done)
 
     def _failed(self, source: Source, err: ImageError) -> ImageResult:
         message = str(err)
         outputs = {r.name: ModelOutput.failed(message, "image") for r in self.runners}
-        return ImageResult(_display(source), source.name, os.path.abspath(source.path),
-                           getattr(err, "sha256", None), None, outputs, error=message)
+        return ImageResult(source.display, source.name, source_key(source.path), err.sha256, None, outputs,
+                           error=message)
 
     # -- the whole stream ----------------------------------------------------------------
     def process(self, sources: list[Source]) -> Iterator[ImageResult]:
