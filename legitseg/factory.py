@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import segmentation_models_pytorch as smp  # noqa: E402
-import torch  # noqa: E402
-from segmentation_models_pytorch.base import ClassificationHead  # noqa: E402
-from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (  # noqa: E402
+# HF_HUB_OFFLINE is set in legitseg/__init__.py, the one place, which Python runs
+# before this module (and so before smp and huggingface_hub) is imported.
+import segmentation_models_pytorch as smp
+import torch
+from segmentation_models_pytorch.base import ClassificationHead
+from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (
     pretrained_settings as _SMP_LOCAL_SETTINGS,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
-from legitseg.errors import ManifestError, WeightsError  # noqa: E402
-from legitseg.manifest import ModelSpec  # noqa: E402
-from legitseg.weights import (  # noqa: E402
+from legitseg.errors import ManifestError, WeightsError
+from legitseg.manifest import ModelSpec
+from legitseg.manifest_yaml import clip, short
+from legitseg.weights import (
     load_strict,
     parse_state_dict,
     read_pretrained_config,
@@ -104,7 +104,8 @@ def build_module(spec: ModelSpec) -> nn.Module:
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         what = f"{spec.arch} + {spec.encoder}" if spec.task == "segmentation" else spec.encoder
         raise ManifestError(
-            f"model {spec.name!r}: smp cannot build {what} with arch_params {spec.arch_params}: {err}"
+            f"model {spec.name!r}: smp cannot build {what} with arch_params {short(spec.arch_params)}: "
+            f"{clip(str(err), 500)}"
         ) from err
 
 

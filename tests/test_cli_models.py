@@ -95,7 +95,8 @@ FIELD_REFUSALS = [
      "legitseg applies the activation itself (SPEC 4.3)"),
     ("arch_params.aux_params", {"arch_params": {"aux_params": {"classes": 2}}},
      "model 'lesion', field 'arch_params': arch_params.aux_params is not allowed: "
-     "legitseg reads only the mask output; use a severity model for classification"),
+     "legitseg reads only the mask output; to load weights trained with aux_params, "
+     "set ignore_keys: ['classification_head.*']"),
     ("severity field on segmentation", {"temperature": 2.0},
      "model 'lesion': field(s) temperature only apply to task 'severity'"),
     ("threshold on multi-class", {"classes": 3, "threshold": 0.3},
@@ -196,6 +197,28 @@ def test_refusal_from_a_real_process(tmp_path, weights):
     assert r.stderr.strip() == (f"legitseg: error: {path}: model 'lesion': duplicate field 'classes' "
                                 "at line 7 (first at line 6)")
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["list", "check"])
+def test_nan_in_a_manifest_exits_3_naming_model_and_field(tmp_path, weights, command):
+    text = _lesion_text(weights) + "    normalize: {mean: [0.5, 0.5, .nan], std: [0.2, 0.2, 0.2]}\n"
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    r = invoke("models", command, "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY
+    assert r.stderr == (f"legitseg: error: {path}: model 'lesion', field 'normalize.mean.2': nan is not a "
+                        "finite number; NaN and infinity are refused\n")
+
+
+def test_an_alias_bomb_exits_3_at_once(tmp_path, weights):
+    levels = ["      a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = tmp_path / "models.yaml"
+    path.write_text(_lesion_text(weights) + "    arch_params:\n" + "\n".join(levels) + "\n")
+    r = invoke("models", "check", "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY
+    assert "expands to more than 100000 values through aliases (*name)" in r.stderr
+    assert "refused as an alias bomb" in r.stderr and len(r.stderr) < 500
 
 
 # -- weights refusals: `models check`, exit 3 ------------------------------------------------

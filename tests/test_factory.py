@@ -393,3 +393,32 @@ def test_production_models_build_from_a_manifest_offline_and_fast(kit, capsys):
                      f"{got['parameters']:>11,} params {got['weight_mb']:6.1f} MB {got['seconds']:6.2f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# -- HF_HUB_OFFLINE is set in one place --------------------------------------------------------
+def test_hf_hub_offline_is_set_in_exactly_one_place():
+    package = Path(__file__).resolve().parent.parent / "legitseg"
+    setters = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if 'os.environ["HF_HUB_OFFLINE"]' in p.read_text() or "HF_HUB_OFFLINE\", " in p.read_text())
+    assert setters == ["__init__.py"]
+
+
+def test_importing_the_factory_alone_turns_the_hub_off():
+    # A fresh interpreter without HF_HUB_OFFLINE: importing legitseg.factory runs
+    # legitseg/__init__ first, so huggingface_hub reads the variable already set.
+    code = ("import legitseg.factory, huggingface_hub.constants as c, os; "
+            "print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True"]
+
+
+def test_normalize_never_asks_smp_for_preprocessing_params(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("get_preprocessing_params reaches a hub")
+
+    monkeypatch.setattr(smp.encoders, "get_preprocessing_params", refuse)
+    for encoder in ("resnet18", "efficientnet-b2", TINY):
+        mean, std = resolve_normalize(make_spec(tmp_path / "w.pt", encoder=encoder))
+        assert len(mean) == len(std) == 3
