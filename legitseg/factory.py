@@ -147,6 +147,32 @@ def model_stride(module: nn.Module) -> int:
     return int(getattr(encoder, "output_stride", 32) or 32)
 
 
+def check_input_size(spec: ModelSpec, module: nn.Module, stride: int) -> None:
+    """A `stretch` model is fed exactly input_size: refuse a size the architecture cannot take.
+
+    smp's own forward refuses height or width not divisible by the encoder's output
+    stride for every architecture that sets `requires_divisible_input_shape` (Unet
+    resizes inside its decoder and does not). Severity models pool globally and take
+    any size; `pad` models are padded up to the stride at run time.
+    Raises ManifestError naming the model, the size, the stride and the nearest valid sizes.
+    """
+    if spec.task != "segmentation" or spec.resize != "stretch" or spec.input_size is None:
+        return
+    if not getattr(module, "requires_divisible_input_shape", True):
+        return
+    h, w = spec.input_size
+    if h % stride == 0 and w % stride == 0:
+        return
+    down = [v - v % stride for v in (h, w)]
+    up = [v + (-v) % stride for v in (h, w)]
+    choices = " or ".join(str(c) for c in ([down] if min(down) > 0 else []) + [up])
+    raise ManifestError(
+        f"model {spec.name!r}, field 'input_size': {[h, w]} is not divisible by {stride}, the output "
+        f"stride of {spec.arch} + {spec.encoder}; with resize 'stretch' the model is fed exactly this "
+        f"size, so height and width must be multiples of {stride}: nearest valid sizes {choices}"
+    )
+
+
 def check_pretrained_config(spec: ModelSpec, config: dict) -> None:
     """A save_pretrained folder's config.json must describe the manifest's model."""
     expected = {
@@ -196,6 +222,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     state = parse_state_dict(data, spec.weights, spec.name)
     del data
     module = build_module(spec)
+    stride = model_stride(module)
+    check_input_size(spec, module, stride)
     load_strict(module, state, spec.name, spec.weights)
     module.eval()
     mean, std = resolve_normalize(spec)
@@ -203,4 +231,4 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     elapsed = time.perf_counter() - started
     log.debug("built %s in %.2fs (%d parameters)", spec.name, elapsed, params)
-    return LoadedModel(spec, module, mean, std, model_stride(module), elapsed, params, weight_bytes)
+    return LoadedModel(spec, module, mean, std, stride, elapsed, params, weight_bytes)

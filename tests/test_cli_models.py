@@ -37,6 +37,7 @@ def weights(tmp_path_factory) -> dict[str, dict]:
     kit.add("grade", task="severity", classes=3, fmt="pt")
     kit.add("scse", arch_params={"decoder_attention_type": "scse"})
     kit.add("pretrained", fmt="pretrained")
+    kit.add("fpn", arch="FPN")
     return {name: {**entry, "weights": str(kit.root / entry["weights"])} for name, entry in kit.models.items()}
 
 
@@ -311,6 +312,24 @@ def test_check_unknown_model_name_is_a_usage_error(tmp_path, weights):
     r = invoke("models", "check", "-m", path, "--models", "lesion,scaling")
     assert r.exit_code == EXIT_USAGE
     assert f"{path}: unknown model(s) scaling; the manifest has: lesion" in r.stderr
+
+
+def test_a_stretch_size_off_the_stride_fails_check_and_run_before_out_exists(tmp_path, weights):
+    from tests.images import picture, save
+
+    path = write_manifest(tmp_path, {"fpn": edited(weights["fpn"], input_size=[100, 100])})
+    expected = ("model 'fpn', field 'input_size': [100, 100] is not divisible by 32, the output stride of "
+                f"FPN + {TINY}; with resize 'stretch' the model is fed exactly this size, so height and "
+                "width must be multiples of 32: nearest valid sizes [96, 96] or [128, 128]")
+    r = invoke("models", "check", "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY, r.output
+    assert f"legitseg: FAILED fpn: {expected}\n" in r.stderr
+    image = save(tmp_path / "in" / "a.png", picture(120, 90))
+    out = tmp_path / "out"
+    r = invoke("run", image, "-m", path, "-o", out)
+    assert r.exit_code == EXIT_INTEGRITY, r.output
+    assert expected in r.stderr
+    assert not out.exists()
 
 
 # -- models check / list when all is well -------------------------------------------------------

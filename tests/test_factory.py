@@ -422,3 +422,47 @@ def test_normalize_never_asks_smp_for_preprocessing_params(tmp_path, monkeypatch
     for encoder in ("resnet18", "efficientnet-b2", TINY):
         mean, std = resolve_normalize(make_spec(tmp_path / "w.pt", encoder=encoder))
         assert len(mean) == len(std) == 3
+
+
+# -- stretch input sizes the architecture cannot take -----------------------------------------
+def saved_spec(tmp_path: Path, **fields) -> ModelSpec:
+    path = tmp_path / "w.safetensors"
+    module = trained(make_spec(path, **fields))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return make_spec(path, **fields)
+
+
+@pytest.mark.parametrize(("fields", "stride", "choices"), [
+    ({"arch": "FPN", "input_size": (100, 100)}, 32, "[96, 96] or [128, 128]"),
+    ({"arch": "DeepLabV3Plus", "input_size": (100, 64)}, 16, "[96, 64] or [112, 64]"),
+    ({"arch": "FPN", "input_size": (8, 64)}, 32, "[32, 64]"),
+], ids=["FPN 100x100", "DeepLabV3Plus 100x64", "smaller than the stride"])
+def test_stretch_size_off_the_stride_is_refused_at_load(tmp_path, fields, stride, choices):
+    spec = saved_spec(tmp_path, **fields)
+    # The real module refuses that shape too: the check says what smp would say per image.
+    module = build_module(spec).eval()
+    with pytest.raises(RuntimeError, match="divisible by"), torch.inference_mode():
+        module(torch.zeros(1, 3, *spec.input_size))
+    with pytest.raises(ManifestError) as err:
+        load_model(spec)
+    assert err.value.exit_code == EXIT_INTEGRITY
+    assert str(err.value) == (
+        f"model 'm', field 'input_size': {list(spec.input_size)} is not divisible by {stride}, the output "
+        f"stride of {spec.arch} + {TINY}; with resize 'stretch' the model is fed exactly this size, so "
+        f"height and width must be multiples of {stride}: nearest valid sizes {choices}")
+
+
+@pytest.mark.parametrize("fields", [
+    {"arch": "Unet", "input_size": (100, 100)},  # smp's Unet decoder resizes to each skip: any size
+    {"task": "severity", "classes": 3, "input_size": (100, 100)},  # global pooling: any size
+    {"arch": "FPN", "resize": "pad", "input_size": (100, 100)},  # padded to the stride at run time
+], ids=["Unet", "severity", "pad"])
+def test_sizes_a_model_takes_are_not_refused(tmp_path, fields):
+    spec = saved_spec(tmp_path, **fields)
+    loaded = load_model(spec)
+    h, w = spec.input_size
+    if spec.resize == "pad":
+        h, w = h + (-h) % loaded.stride, w + (-w) % loaded.stride
+    with torch.inference_mode():
+        y = loaded.module(torch.zeros(1, 3, h, w))
+    assert tuple(y.shape) == ((1, 3) if spec.task == "severity" else (1, 1, h, w))
