@@ -224,7 +224,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     module = build_module(spec)
     stride = model_stride(module)
     check_input_size(spec, module, stride)
-    load_strict(module, state, spec.name, spec.weights)
+    load_strict(module, state, spec.name, spec.weights, spec.ignore_keys)
     module.eval()
     mean, std = resolve_normalize(spec)
     params = sum(p.numel() for p in module.parameters())

@@ -9,7 +9,6 @@ the factory, which has timm at hand.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import hashlib
 import re
 from pathlib import Path
@@ -154,11 +153,6 @@ class ModelSpec(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"a pattern is listed twice in {short(list(v))}")
         return v
-
-    def ignored(self, key: str) -> str | None:
-        """The first ignore_keys pattern that `key` matches (fnmatch, case-sensitive), or None."""
-        return next((p for p in self.ignore_keys if fnmatch.fnmatchcase(key, p)), None)
-
     @model_validator(mode="after")
     def _cross(self) -> ModelSpec:
         given = self.model_fields_set

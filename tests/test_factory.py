@@ -466,3 +466,50 @@ def test_sizes_a_model_takes_are_not_refused(tmp_path, fields):
     with torch.inference_mode():
         y = loaded.module(torch.zeros(1, 3, h, w))
     assert tuple(y.shape) == ((1, 3) if spec.task == "severity" else (1, 1, h, w))
+
+
+# -- ignore_keys: weights trained with smp's aux_params ------------------------------------------
+@pytest.fixture(scope="module")
+def aux_model(tmp_path_factory):
+    """A real smp Unet trained with aux_params (a classification head beside the mask), saved."""
+    torch.manual_seed(5)
+    module = smp.create_model("Unet", encoder_name=TINY, encoder_weights=None, classes=1,
+                              aux_params={"classes": 4}).eval()
+    path = tmp_path_factory.mktemp("aux") / "aux.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return module, path
+
+
+def test_aux_params_weights_load_for_segmentation_with_ignore_keys(aux_model):
+    module, path = aux_model
+    with pytest.raises(WeightsError, match="unexpected: classification_head.3.bias, classification_head.3.weight"):
+        load_model(make_spec(path))
+    loaded = load_model(make_spec(path, ignore_keys=("classification_head.*",)))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        mask, _ = module(x)
+        assert torch.equal(loaded.module(x), mask)
+
+
+def test_aux_params_weights_load_as_a_severity_model_with_ignore_keys(aux_model):
+    module, path = aux_model
+    spec = make_spec(path, task="severity", classes=4, ignore_keys=("decoder.*", "segmentation_head.*"))
+    loaded = load_model(spec)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _, label = module(x)
+        assert torch.equal(loaded.module(x), label)
+
+
+@pytest.mark.parametrize(("patterns", "expected"), [
+    (("classification_hed.*",), "'classification_hed.*' matches no key of {path} that the model lacks "
+                                "(keys the model lacks: classification_head.3.bias, classification_head.3.weight)"),
+    # Keys the model has are never dropped, so a pattern matching only those is a mistake too.
+    (("classification_head.*", "encoder.*"), "'encoder.*' matches no key of {path} that the model lacks"),
+])
+def test_an_ignore_keys_pattern_that_matches_nothing_is_a_manifest_error(aux_model, patterns, expected):
+    _, path = aux_model
+    with pytest.raises(ManifestError) as err:
+        load_model(make_spec(path, ignore_keys=patterns))
+    assert err.value.exit_code == EXIT_INTEGRITY
+    assert str(err.value).startswith("model 'm', field 'ignore_keys': " + expected.format(path=path))

@@ -298,3 +298,14 @@ def test_values_echoed_in_errors_are_capped(root, fields, start):
     message = str(err.value).removeprefix(f"{root / 'm.yaml'}: ")
     assert message.startswith(start)
     assert "..." in message and len(message) < 600
+
+
+def test_ignore_keys_is_a_list_of_glob_patterns(root):
+    spec = parse_manifest(one_model(ignore_keys="['classification_head.*']"), root / "m.yaml").models["lesion"]
+    assert spec.ignore_keys == ("classification_head.*",)
+    assert parse_manifest(one_model(), root / "m.yaml").models["lesion"].ignore_keys == ()
+    for written, message in (("['']", "patterns must not be empty"),
+                             ("[a.*, a.*]", "a pattern is listed twice in ['a.*', 'a.*']")):
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(one_model(ignore_keys=written), root / "m.yaml")
+        assert str(err.value) == f"{root / 'm.yaml'}: model 'lesion', field 'ignore_keys': {message}"

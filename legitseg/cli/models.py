@@ -85,3 +85,16 @@ def models_hash(file: Annotated[Path, typer.Argument(help="Weights file or smp s
         raise UsageError(f"cannot read {target}: {err.strerror or err}") from err
     typer.echo(f"{digest}  {target}")
 
+
+
+@models_app.command("convert")
+@handles_errors
+def models_convert(
+    src: Annotated[Path, typer.Argument(help="Training checkpoint (.ckpt/.pt/.pth/.bin)")],
+    dst: Annotated[Path, typer.Argument(help="New weights file to write (.safetensors; must not exist)")],
+    key: Annotated[str | None, typer.Option("--key", help="Entry holding the state_dict [default: found]")] = None,
+) -> None:
+    """Extract a checkpoint's state_dict into a safetensors file and print its sha256 to pin."""
+    from legitseg.convert import convert_checkpoint
+
+    typer.echo(f"{convert_checkpoint(src, dst, key)}  {dst}")
