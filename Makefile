@@ -1,22 +1,27 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both install first.
-PY ?= python3.11
+# The venv is made with the first Python >= 3.11 on PATH (tools/find_python.sh says
+# which); `make PYTHON=python3.13 test` asks for one.
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean python
 
 # The stamp depends on the lock and the package metadata, so a second `make install`
 # is a no-op and a changed lock reinstalls.
 $(STAMP): requirements_lock.txt pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/python || { py=$$($(SHELL) tools/find_python.sh) && $$py -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements_lock.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Which Python a fresh `make install` would use.
+python:
+	@$(SHELL) tools/find_python.sh >/dev/null
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,8 @@ class CheckResult:
     output_shape: tuple[int, ...] | None = None
     dtype: str | None = None
     error: str | None = None
+    mean: tuple[float, ...] | None = None  # the normalisation the built model uses
+    std: tuple[float, ...] | None = None
 
 
 def check_model(spec: ModelSpec) -> CheckResult:
@@ -34,9 +36,13 @@ def check_model(spec: ModelSpec) -> CheckResult:
         loaded = load_model(spec)
     except LegitsegError as err:
         return CheckResult(spec.name, False, error=str(err))
+    norm = {"mean": loaded.mean, "std": loaded.std}
     h, w = spec.probe_size
-    s = loaded.stride
-    h, w = h + (-h) % s, w + (-w) % s
+    if spec.resize == "pad":
+        # Only pad models are padded at run time; a stretch model gets exactly input_size,
+        # so the dummy forward must too (padding it would hide a size the model refuses).
+        s = loaded.stride
+        h, w = h + (-h) % s, w + (-w) % s
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, spec.in_channels, h, w, generator=gen)
     try:
@@ -44,10 +50,10 @@ def check_model(spec: ModelSpec) -> CheckResult:
             y = loaded.module(x)
     except RuntimeError as err:
         return CheckResult(spec.name, False, loaded.build_seconds, loaded.parameters, loaded.weight_bytes,
-                           error=f"dummy forward at {h}x{w} failed: {err}")
+                           error=f"dummy forward at {h}x{w} failed: {err}", **norm)
     want = (1, spec.classes) if spec.task == "severity" else (1, spec.classes, h, w)
     result = CheckResult(spec.name, True, loaded.build_seconds, loaded.parameters, loaded.weight_bytes,
-                         tuple(y.shape), str(y.dtype).removeprefix("torch."))
+                         tuple(y.shape), str(y.dtype).removeprefix("torch."), **norm)
     problems = []
     if tuple(y.shape) != want:
         problems.append(f"output shape {tuple(y.shape)}, expected {want}")

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import segmentation_models_pytorch as smp  # noqa: E402
-import torch  # noqa: E402
-from segmentation_models_pytorch.base import ClassificationHead  # noqa: E402
-from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (  # noqa: E402
+# HF_HUB_OFFLINE is set in legitseg/__init__.py, the one place, which Python runs
+# before this module (and so before smp and huggingface_hub) is imported.
+import segmentation_models_pytorch as smp
+import torch
+from segmentation_models_pytorch.base import ClassificationHead
+from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (
     pretrained_settings as _SMP_LOCAL_SETTINGS,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
-from legitseg.errors import ManifestError, WeightsError  # noqa: E402
-from legitseg.manifest import ModelSpec  # noqa: E402
-from legitseg.weights import (  # noqa: E402
+from legitseg.errors import ManifestError, WeightsError
+from legitseg.manifest import ModelSpec
+from legitseg.manifest_yaml import clip, short
+from legitseg.weights import (
     load_strict,
     parse_state_dict,
     read_pretrained_config,
@@ -104,7 +104,8 @@ def build_module(spec: ModelSpec) -> nn.Module:
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         what = f"{spec.arch} + {spec.encoder}" if spec.task == "segmentation" else spec.encoder
         raise ManifestError(
-            f"model {spec.name!r}: smp cannot build {what} with arch_params {spec.arch_params}: {err}"
+            f"model {spec.name!r}: smp cannot build {what} with arch_params {short(spec.arch_params)}: "
+            f"{clip(str(err), 500)}"
         ) from err
 
 
@@ -144,6 +145,32 @@ def model_stride(module: nn.Module) -> int:
     """Height and width must be multiples of this (the encoder's output stride)."""
     encoder = getattr(module, "encoder", None)
     return int(getattr(encoder, "output_stride", 32) or 32)
+
+
+def check_input_size(spec: ModelSpec, module: nn.Module, stride: int) -> None:
+    """A `stretch` model is fed exactly input_size: refuse a size the architecture cannot take.
+
+    smp's own forward refuses height or width not divisible by the encoder's output
+    stride for every architecture that sets `requires_divisible_input_shape` (Unet
+    resizes inside its decoder and does not). Severity models pool globally and take
+    any size; `pad` models are padded up to the stride at run time.
+    Raises ManifestError naming the model, the size, the stride and the nearest valid sizes.
+    """
+    if spec.task != "segmentation" or spec.resize != "stretch" or spec.input_size is None:
+        return
+    if not getattr(module, "requires_divisible_input_shape", True):
+        return
+    h, w = spec.input_size
+    if h % stride == 0 and w % stride == 0:
+        return
+    down = [v - v % stride for v in (h, w)]
+    up = [v + (-v) % stride for v in (h, w)]
+    choices = " or ".join(str(c) for c in ([down] if min(down) > 0 else []) + [up])
+    raise ManifestError(
+        f"model {spec.name!r}, field 'input_size': {[h, w]} is not divisible by {stride}, the output "
+        f"stride of {spec.arch} + {spec.encoder}; with resize 'stretch' the model is fed exactly this "
+        f"size, so height and width must be multiples of {stride}: nearest valid sizes {choices}"
+    )
 
 
 def check_pretrained_config(spec: ModelSpec, config: dict) -> None:
@@ -195,11 +222,13 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     state = parse_state_dict(data, spec.weights, spec.name)
     del data
     module = build_module(spec)
-    load_strict(module, state, spec.name, spec.weights)
+    stride = model_stride(module)
+    check_input_size(spec, module, stride)
+    load_strict(module, state, spec.name, spec.weights, spec.ignore_keys)
     module.eval()
     mean, std = resolve_normalize(spec)
     params = sum(p.numel() for p in module.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     elapsed = time.perf_counter() - started
     log.debug("built %s in %.2fs (%d parameters)", spec.name, elapsed, params)
-    return LoadedModel(spec, module, mean, std, model_stride(module), elapsed, params, weight_bytes)
+    return LoadedModel(spec, module, mean, std, stride, elapsed, params, weight_bytes)

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,7 @@ from pydantic import (
 
 from legitseg._smp_names import ARCHITECTURES, ENCODERS
 from legitseg.errors import ManifestError, UsageError
+from legitseg.manifest_yaml import load_yaml, non_finite, short
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 _ARCH_BY_LOWER = {a.lower(): a for a in ARCHITECTURES}
@@ -39,7 +39,8 @@ FORBIDDEN_ARCH_PARAMS = {
     "classes": "it is set by the manifest field 'classes'",
     "arch": "it is set by the manifest field 'arch'",
     "activation": "legitseg applies the activation itself (SPEC 4.3)",
-    "aux_params": "legitseg reads only the mask output; use a severity model for classification",
+    "aux_params": "legitseg reads only the mask output; to load weights trained with aux_params, "
+                  "set ignore_keys: ['classification_head.*']",
 }
 SEVERITY_ONLY = ("temperature", "class_values", "pooling")
 SEGMENTATION_ONLY = ("arch", "arch_params", "threshold")
@@ -48,7 +49,7 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 class Normalize(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -57,14 +58,14 @@ class Normalize(BaseModel):
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"std values must be > 0, got {list(self.std)}")
+            raise ValueError(f"std values must be > 0, got {short(list(self.std))}")
         return self
 
 
 class ModelSpec(BaseModel):
     """One model of the manifest. `weights` is absolute once loaded by `load_manifest`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     task: Literal["segmentation", "severity"]
@@ -87,12 +88,15 @@ class ModelSpec(BaseModel):
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     # Largest allowed difference in probabilities between ONNX Runtime and torch (docs/onnx.md).
     parity_tolerance: float = Field(1e-4, gt=0.0, le=1.0)
+    # Glob patterns of keys in the weights file that the model does not have and that
+    # are dropped before the strict load (e.g. the aux_params head: classification_head.*).
+    ignore_keys: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
-            raise ValueError(f"model name {v!r} must match [a-z0-9_-]+")
+            raise ValueError(f"model name {short(v)} must match [a-z0-9_-]+")
         return v
 
     @field_validator("sha256", mode="before")
@@ -116,7 +120,7 @@ class ModelSpec(BaseModel):
             return _ARCH_BY_LOWER[v.lower()]
         except KeyError:
             raise ValueError(
-                f"unknown architecture {v!r}; valid: {', '.join(ARCHITECTURES)}"
+                f"unknown architecture {short(v)}; valid: {', '.join(ARCHITECTURES)}"
             ) from None
 
     @field_validator("encoder")
@@ -128,7 +132,7 @@ class ModelSpec(BaseModel):
         close = list(dict.fromkeys(family + difflib.get_close_matches(v, ENCODERS, n=6, cutoff=0.75)))[:12]
         hint = f"similar: {', '.join(close)}; " if close else ""
         raise ValueError(
-            f"unknown encoder {v!r}; {hint}valid: any of smp's {len(ENCODERS)} encoders "
+            f"unknown encoder {short(v)}; {hint}valid: any of smp's {len(ENCODERS)} encoders "
             "(`legitseg info --encoders`) or tu-<timm model name>"
         )
 
@@ -140,6 +144,15 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"arch_params.{key} is not allowed: {FORBIDDEN_ARCH_PARAMS[key]}")
         return v
 
+    @field_validator("ignore_keys")
+    @classmethod
+    def _ignore_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            if not pattern.strip():
+                raise ValueError("patterns must not be empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a pattern is listed twice in {short(list(v))}")
+        return v
     @model_validator(mode="after")
     def _cross(self) -> ModelSpec:
         given = self.model_fields_set
@@ -218,54 +231,13 @@ class Manifest(BaseModel):
         return [self.models[n] for n in dict.fromkeys(names)]
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_document(self, node):  # noqa: D102 - PyYAML hook
-        # Checked on the node tree, where the path to each key is known, so that the
-        # message can name the model and field rather than only a line number.
-        _refuse_duplicate_keys(node, (), set())
-        return super().construct_document(node)
-
-
-def _refuse_duplicate_keys(node: yaml.Node, where: tuple[str, ...], visited: set[int]) -> None:
-    if id(node) in visited:  # an alias to a node already checked (or a recursive one)
-        return
-    visited.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for child in node.value:
-            _refuse_duplicate_keys(child, where, visited)
-        return
-    if not isinstance(node, yaml.MappingNode):
-        return
-    first_line: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        line = key_node.start_mark.line + 1
-        if key is not None and key in first_line:
-            if where == ():
-                what = f"duplicate top-level key {key!r}"
-            elif where == ("models",):
-                what = f"duplicate model name {key!r}"
-            elif len(where) >= 2 and where[0] == "models":
-                inner = ".".join(where[2:])
-                what = (f"model {where[1]!r}, field {inner!r}: duplicate key {key!r}" if inner
-                        else f"model {where[1]!r}: duplicate field {key!r}")
-            else:
-                what = f"field {'.'.join(where)!r}: duplicate key {key!r}"
-            raise ManifestError(f"{what} at line {line} (first at line {first_line[key]})")
-        if key is not None:
-            first_line[key] = line
-        _refuse_duplicate_keys(value_node, (*where, str(key)), visited)
-
-
 def _format_validation(path: Path, raw: dict[str, Any], err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = list(e["loc"])
         where = ""
         if len(loc) >= 2 and loc[0] == "models":
-            where = f"model {loc[1]!r}"
+            where = f"model {short(loc[1])}"
             loc = loc[2:]
             # Errors from the model-level validator carry no field; say so.
         field = ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
@@ -273,8 +245,8 @@ def _format_validation(path: Path, raw: dict[str, Any], err: ValidationError) ->
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "literal_error":
-            msg = f"invalid value {e.get('input')!r}; " + msg.replace("Input should be", "valid:")
-        parts = [p for p in (where, f"field {field!r}" if field else "") if p]
+            msg = f"invalid value {short(e.get('input'))}; " + msg.replace("Input should be", "valid:")
+        parts = [p for p in (where, f"field {short(field)}" if field else "") if p]
         lines.append(f"{path}: {', '.join(parts) + ': ' if parts else ''}{msg}")
     return "\n".join(lines)
 
@@ -285,16 +257,9 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     Raises ManifestError naming the file, the model and the field.
     """
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        raw = load_yaml(text)
     except ManifestError as err:
         raise ManifestError(f"{path}: {err}") from err
-    except yaml.constructor.ConstructorError as err:
-        raise ManifestError(
-            f"{path}: unsupported YAML tag at line {err.problem_mark.line + 1} "
-            f"({err.problem}); manifests are plain YAML, Python tags are refused"
-        ) from err
-    except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a mapping with 'version' and 'models', got {type(raw).__name__}")
     # Checked here, not only by pydantic: 'path' and 'sha256' are Manifest fields that
@@ -302,17 +267,18 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     unknown = [str(k) for k in raw if k not in ("version", "models")]
     if unknown:
         raise ManifestError(
-            f"{path}: field {unknown[0]!r}: unknown field; valid top-level fields: version, models"
+            f"{path}: field {short(unknown[0])}: unknown field; valid top-level fields: version, models"
         )
+    _refuse_non_finite(path, raw)
     models = raw.get("models")
     if isinstance(models, dict):
         if not models:
             raise ManifestError(f"{path}: 'models' is empty")
         for name, body in models.items():
             if not isinstance(body, dict):
-                raise ManifestError(f"{path}: model {name!r}: expected a mapping of fields")
+                raise ManifestError(f"{path}: model {short(name)}: expected a mapping of fields")
             if "name" in body:
-                raise ManifestError(f"{path}: model {name!r}: field 'name': unknown field (the key is the name)")
+                raise ManifestError(f"{path}: model {short(name)}: field 'name': unknown field (the key is the name)")
             body["name"] = name
             weights = body.get("weights")
             if isinstance(weights, str):
@@ -324,9 +290,29 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     except ValidationError as err:
         raise ManifestError(_format_validation(path, raw, err)) from err
     for spec in manifest.models.values():
-        if not spec.weights.exists():
+        try:
+            found = spec.weights.exists()
+        except OSError as err:  # e.g. a name longer than the file system allows
+            raise ManifestError(
+                f"{path}: model {spec.name!r}: field 'weights': cannot look up {short(str(spec.weights))}: "
+                f"{err.strerror or err}") from err
+        if not found:
             raise ManifestError(f"{path}: model {spec.name!r}: weights file not found: {spec.weights}")
     return manifest
+
+
+def _refuse_non_finite(path: Path, raw: dict[str, Any]) -> None:
+    """NaN and infinities (YAML .nan, .inf, 1e999) are refused in every field, arch_params included."""
+    found = non_finite(raw)
+    if found is None:
+        return
+    where, value = found
+    if len(where) >= 2 and where[0] == "models":
+        place = f"model {short(where[1])}, field {short('.'.join(where[2:]))}" if len(where) > 2 \
+            else f"model {short(where[1])}"
+    else:
+        place = f"field {short('.'.join(where))}"
+    raise ManifestError(f"{path}: {place}: {value} is not a finite number; NaN and infinity are refused")
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -6,14 +6,17 @@ them; pickles are only ever opened with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
+import logging
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from legitseg.errors import WeightsError
+from legitseg.errors import ManifestError, WeightsError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so `models hash` stays light
     import torch
@@ -23,6 +26,13 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 PREFIXES = ("module.", "model.", "_orig_mod.")
 PRETRAINED_FILE = "model.safetensors"
+# What `legitseg models convert` lets torch.load rebuild besides tensors and plain
+# containers: values training frameworks keep in checkpoints (Lightning's
+# hyper_parameters, argparse options). Rebuilding them runs no code of the file's
+# choosing: each is called with strings or keyword values only.
+CONVERT_GLOBALS = ("pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "argparse.Namespace")
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -105,33 +115,56 @@ def _parse_pickle(data: bytes, path: Path, model: str) -> dict[str, torch.Tensor
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"model {model!r}: {path} holds objects other than tensors and plain containers "
-            f"(torch.load with weights_only=True refused it: {_refusal_reason(err)}). legitseg never "
-            "runs code from a weights file; save a plain state_dict or use safetensors."
-        ) from err
+        raise WeightsError(refusal_message(data, err, path, model)) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise WeightsError(f"model {model!r}: cannot read {path} as a torch checkpoint: {err}") from err
-    return _extract_state_dict(obj, path, model)
+    return extract_state_dict(obj, path, model)
+
+
+def refusal_message(data: bytes, err: pickle.UnpicklingError, path: Path, model: str | None) -> str:
+    """One line: what torch's weights_only guard refused, and how to re-save the weights safely."""
+    who = f"model {model!r}: " if model else ""
+    found = unsafe_globals(data)
+    advice = "legitseg never unpickles code or objects from a weights file; "
+    if found and all(g in CONVERT_GLOBALS for g in found):
+        advice += (f"this looks like a training checkpoint (Lightning keeps hyper_parameters in it): "
+                   f"extract the weights with `legitseg models convert {path} "
+                   f"{path.with_suffix('.safetensors')}` and pin the new file's sha256.")
+    else:
+        advice += "save a plain state_dict (torch.save(model.state_dict(), ...)) or use safetensors."
+    return (f"{who}{path} holds objects other than tensors and plain containers "
+            f"(torch.load with weights_only=True refused it: {_refusal_reason(err)}). {advice}")
+
+
+def unsafe_globals(data: bytes) -> list[str]:
+    """Names of the Python globals a torch checkpoint would need, read without unpickling it."""
+    import torch
+
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
+    except (RuntimeError, ValueError, pickle.UnpicklingError, OSError, EOFError):
+        return []  # not torch.save's zip format: torch's own reason has to do
 
 
 def _refusal_reason(err: pickle.UnpicklingError) -> str:
-    """The line of torch's weights_only error that says what was refused.
+    """The sentence of torch's weights_only error that says what was refused.
 
     torch's message opens with advice to retry with weights_only=False, which is
-    exactly what legitseg must never do, so only the reason is kept.
+    exactly what legitseg must never do, and ends with how to allow-list the global
+    in code; only the reason is kept.
     """
     reasons = []
     for line in str(err).splitlines():
         line = line.strip()
         if "WeightsUnpickler error:" in line:
             line = line.split("WeightsUnpickler error:", 1)[1].strip()
-        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
+        line = line.split(" Please use `torch.serialization", 1)[0]
+        if line and not line.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)")):
             reasons.append(line)
     return " ".join(reasons) or type(err).__name__
 
 
-def _extract_state_dict(obj: Any, path: Path, model: str) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, path: Path, model: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and not _is_state_dict(obj):
         for key in NESTED_KEYS:
             if key in obj and isinstance(obj[key], dict) and _is_state_dict(obj[key]):
@@ -166,10 +199,45 @@ def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], model: str, source: Path) -> None:
-    """Load `state` into `module`; any missing, unexpected or mis-shaped tensor is a WeightsError listing them."""
+def drop_ignored(state: dict[str, torch.Tensor], expected: Sequence[str], patterns: Sequence[str],
+                 model: str, source: Path) -> dict[str, torch.Tensor]:
+    """`state` without the keys the model lacks that match an ignore_keys pattern.
+
+    Keys the model has are never dropped. A pattern that matches no such key is a
+    ManifestError, so a typo cannot pass unnoticed.
+    """
+    have = set(expected)
+    used: dict[str, int] = dict.fromkeys(patterns, 0)
+    kept = {}
+    for key, value in state.items():
+        pattern = None if key in have else next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
+        if pattern is None:
+            kept[key] = value
+        else:
+            used[pattern] += 1
+    unused = [p for p, n in used.items() if n == 0]
+    if unused:
+        extra = sorted(set(state) - have)
+        shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "") if extra else "none"
+        raise ManifestError(
+            f"model {model!r}, field 'ignore_keys': {', '.join(map(repr, unused))} matches no key of {source} "
+            f"that the model lacks (keys the model lacks: {shown})"
+        )
+    log.info("%s: ignore_keys dropped %d key(s) of %s: %s", model, len(state) - len(kept), source,
+             ", ".join(f"{p} ({n})" for p, n in used.items()))
+    return kept
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], model: str, source: Path,
+                ignore_keys: Sequence[str] = ()) -> None:
+    """Load `state` into `module`; any missing, unexpected or mis-shaped tensor is a WeightsError listing them.
+
+    Keys matching `ignore_keys` that the model lacks are dropped first (see `drop_ignored`).
+    """
     state = clean_keys(state)
     expected = module.state_dict()
+    if ignore_keys:
+        state = drop_ignored(state, list(expected), ignore_keys, model, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(

@@ -37,6 +37,7 @@ def weights(tmp_path_factory) -> dict[str, dict]:
     kit.add("grade", task="severity", classes=3, fmt="pt")
     kit.add("scse", arch_params={"decoder_attention_type": "scse"})
     kit.add("pretrained", fmt="pretrained")
+    kit.add("fpn", arch="FPN")
     return {name: {**entry, "weights": str(kit.root / entry["weights"])} for name, entry in kit.models.items()}
 
 
@@ -44,6 +45,14 @@ def write_manifest(folder: Path, models: dict[str, dict], name: str = "models.ya
     path = folder / name
     path.write_text(yaml.safe_dump({"version": 1, "models": models}, sort_keys=False))
     return path
+
+
+def tsv_rows(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Header and rows (by model name) of the tab-separated text printed when stdout is not a terminal."""
+    lines = stdout.splitlines()
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == len(lines[0].split("\t")) for r in rows), stdout
+    return lines[0].split("\t"), {r[0]: r for r in rows}
 
 
 def edited(entry: dict, **changes) -> dict:
@@ -95,7 +104,8 @@ FIELD_REFUSALS = [
      "legitseg applies the activation itself (SPEC 4.3)"),
     ("arch_params.aux_params", {"arch_params": {"aux_params": {"classes": 2}}},
      "model 'lesion', field 'arch_params': arch_params.aux_params is not allowed: "
-     "legitseg reads only the mask output; use a severity model for classification"),
+     "legitseg reads only the mask output; to load weights trained with aux_params, "
+     "set ignore_keys: ['classification_head.*']"),
     ("severity field on segmentation", {"temperature": 2.0},
      "model 'lesion': field(s) temperature only apply to task 'severity'"),
     ("threshold on multi-class", {"classes": 3, "threshold": 0.3},
@@ -198,6 +208,28 @@ def test_refusal_from_a_real_process(tmp_path, weights):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["list", "check"])
+def test_nan_in_a_manifest_exits_3_naming_model_and_field(tmp_path, weights, command):
+    text = _lesion_text(weights) + "    normalize: {mean: [0.5, 0.5, .nan], std: [0.2, 0.2, 0.2]}\n"
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    r = invoke("models", command, "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY
+    assert r.stderr == (f"legitseg: error: {path}: model 'lesion', field 'normalize.mean.2': nan is not a "
+                        "finite number; NaN and infinity are refused\n")
+
+
+def test_an_alias_bomb_exits_3_at_once(tmp_path, weights):
+    levels = ["      a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = tmp_path / "models.yaml"
+    path.write_text(_lesion_text(weights) + "    arch_params:\n" + "\n".join(levels) + "\n")
+    r = invoke("models", "check", "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY
+    assert "expands to more than 100000 values through aliases (*name)" in r.stderr
+    assert "refused as an alias bomb" in r.stderr and len(r.stderr) < 500
+
+
 # -- weights refusals: `models check`, exit 3 ------------------------------------------------
 def _check_fails(tmp_path: Path, models: dict[str, dict], name: str = "lesion") -> str:
     """Run `models check`, assert exit 3 and return the problem cell of model `name`."""
@@ -205,12 +237,13 @@ def _check_fails(tmp_path: Path, models: dict[str, dict], name: str = "lesion") 
     r = invoke("models", "check", "-m", path)
     assert r.exit_code == EXIT_INTEGRITY, r.output
     assert f"1 of {len(models)} model(s) failed the check" in r.stderr
-    row = next(line for line in r.stdout.splitlines() if line.startswith(f"│ {name} "))
-    cells = [c.strip() for c in row.strip("│").split("│")]
-    assert cells[1] == "FAILED"
+    header, rows = tsv_rows(r.stdout)
+    assert rows[name][1] == "FAILED"
     # Each failure's message is also one plain, unfolded line on stderr.
     line = next(x for x in r.stderr.splitlines() if x.startswith(f"legitseg: FAILED {name}: "))
-    return line.removeprefix(f"legitseg: FAILED {name}: ")
+    problem = line.removeprefix(f"legitseg: FAILED {name}: ")
+    assert rows[name][header.index("error")] == problem
+    return problem
 
 
 def test_check_refuses_a_sha256_mismatch(tmp_path, weights):
@@ -290,6 +323,24 @@ def test_check_unknown_model_name_is_a_usage_error(tmp_path, weights):
     assert f"{path}: unknown model(s) scaling; the manifest has: lesion" in r.stderr
 
 
+def test_a_stretch_size_off_the_stride_fails_check_and_run_before_out_exists(tmp_path, weights):
+    from tests.images import picture, save
+
+    path = write_manifest(tmp_path, {"fpn": edited(weights["fpn"], input_size=[100, 100])})
+    expected = ("model 'fpn', field 'input_size': [100, 100] is not divisible by 32, the output stride of "
+                f"FPN + {TINY}; with resize 'stretch' the model is fed exactly this size, so height and "
+                "width must be multiples of 32: nearest valid sizes [96, 96] or [128, 128]")
+    r = invoke("models", "check", "-m", path)
+    assert r.exit_code == EXIT_INTEGRITY, r.output
+    assert f"legitseg: FAILED fpn: {expected}\n" in r.stderr
+    image = save(tmp_path / "in" / "a.png", picture(120, 90))
+    out = tmp_path / "out"
+    r = invoke("run", image, "-m", path, "-o", out)
+    assert r.exit_code == EXIT_INTEGRITY, r.output
+    assert expected in r.stderr
+    assert not out.exists()
+
+
 # -- models check / list when all is well -------------------------------------------------------
 def test_check_prints_build_time_parameters_and_weight_memory(tmp_path, weights):
     from legitseg.factory import build_module
@@ -298,22 +349,24 @@ def test_check_prints_build_time_parameters_and_weight_memory(tmp_path, weights)
     path = write_manifest(tmp_path, {k: weights[k] for k in ("lesion", "grade", "pretrained")})
     r = invoke("models", "check", "-m", path)
     assert r.exit_code == EXIT_OK, r.output
-    header = next(line for line in r.stdout.splitlines() if "model" in line and "result" in line)
-    assert [c.strip() for c in header.strip("┃").split("┃")] == [
-        "model", "result", "build s", "parameters", "weights MB", "output"]
+    header, rows = tsv_rows(r.stdout)
+    assert header == ["model", "result", "build_s", "parameters", "weights_mb", "output", "input_size", "resize",
+                      "normalize", "threshold", "error"]
     manifest = load_manifest(path)
     for name, spec in manifest.models.items():
         module = build_module(spec)
         params = sum(p.numel() for p in module.parameters())
         mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 1e6
-        row = next(line for line in r.stdout.splitlines() if line.startswith(f"│ {name} "))
-        cells = [c.strip() for c in row.strip("│").split("│")]
+        cells = rows[name]
         assert cells[1] == "ok"
         assert 0 < float(cells[2]) < 30
         assert cells[3] == f"{params:,}"
         assert cells[4] == f"{mb:.1f}"
         want = "[1, 3] float32" if spec.task == "severity" else "[1, 1, 64, 64] float32"
         assert cells[5] == want
+        # The tiny timm encoder's own mean/std, as resolved for the built model.
+        assert cells[6:] == ["64x64", "stretch", "mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (encoder default)",
+                             "-" if spec.task == "severity" else "0.5", "-"]
     assert "FAILED" not in r.stderr
 
 
@@ -322,12 +375,17 @@ def test_list_shows_the_manifest_without_reading_weights(tmp_path, weights):
     path = write_manifest(tmp_path, {"lesion": weights["lesion"], "grade": weights["grade"], "pad": pad})
     r = invoke("models", "list", "-m", path)
     assert r.exit_code == EXIT_OK, r.output
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.strip("│").split("│")]
-            for line in r.stdout.splitlines() if line.startswith("│ ")}
-    assert rows["lesion"] == ["lesion", "segmentation", "Unet", TINY, "1", "64x64",
-                              weights["lesion"]["weights"], weights["lesion"]["sha256"][:12]]
-    assert rows["grade"][:6] == ["grade", "severity", "-", TINY, "3", "64x64"]
-    assert rows["pad"][5] == "native (pad)"
+    header, rows = tsv_rows(r.stdout)
+    assert header == ["name", "task", "arch", "encoder", "classes", "input_size", "resize", "interpolation",
+                      "normalize", "threshold", "weights", "sha256"]
+    assert rows["lesion"] == ["lesion", "segmentation", "Unet", TINY, "1", "64x64", "stretch", "linear",
+                              "encoder default", "0.5", weights["lesion"]["weights"], weights["lesion"]["sha256"]]
+    assert rows["grade"][:10] == ["grade", "severity", "-", TINY, "3", "64x64", "stretch", "linear",
+                                  "encoder default", "-"]
+    assert rows["pad"][5:7] == ["native", "pad"]
+    # One warning line per model whose normalize falls back to the encoder's default.
+    warnings = [line for line in r.stderr.splitlines() if "no normalize in the manifest" in line]
+    assert len(warnings) == 3 and all(" legitseg WARNING model '" in w for w in warnings)
 
 
 def test_weights_beside_the_manifest_are_listed_relative(tmp_path, weights):
@@ -335,7 +393,7 @@ def test_weights_beside_the_manifest_are_listed_relative(tmp_path, weights):
     (tmp_path / "w" / "a.safetensors").write_bytes(Path(weights["lesion"]["weights"]).read_bytes())
     path = write_manifest(tmp_path, {"lesion": edited(weights["lesion"], weights="w/a.safetensors")})
     r = invoke("models", "list", "-m", path)
-    assert "│ w/a.safetensors │" in r.stdout
+    assert tsv_rows(r.stdout)[1]["lesion"][10] == "w/a.safetensors"
 
 
 @pytest.mark.parametrize("how", ["env", "cwd"])
@@ -348,7 +406,7 @@ def test_manifest_defaults_to_env_then_cwd(tmp_path, weights, monkeypatch, how):
         monkeypatch.chdir(tmp_path)
         r = invoke("models", "list")
     assert r.exit_code == EXIT_OK, r.output
-    assert "│ lesion " in r.stdout
+    assert "lesion" in tsv_rows(r.stdout)[1]
 
 
 # -- models hash ---------------------------------------------------------------------
@@ -417,6 +475,7 @@ print(r.output)
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["--version"], ["models", "--help"], ["run", "--help"], ["models", "list"], ["models", "hash"],
+    ["models", "list", "--json"],
 ], ids=lambda a: " ".join(a))
 def test_light_commands_do_not_import_torch(tmp_path, args):
     weights = tmp_path / "lesion.safetensors"
@@ -424,7 +483,7 @@ def test_light_commands_do_not_import_torch(tmp_path, args):
     manifest = write_manifest(tmp_path, {"lesion": {
         "task": "segmentation", "arch": "Unet", "encoder": "resnet18", "input_size": [64, 64],
         "weights": weights.name, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}})
-    extra = {"list": ["-m", str(manifest)], "hash": [str(weights)]}.get(args[-1], [])
+    extra = {"list": ["-m", str(manifest)], "--json": ["-m", str(manifest)], "hash": [str(weights)]}.get(args[-1], [])
     r = subprocess.run([sys.executable, "-c", NO_TORCH, *args, *extra], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -432,3 +491,58 @@ def test_light_commands_do_not_import_torch(tmp_path, args):
         assert "lesion" in r.stdout
     if args[-1] == "hash":
         assert r.stdout.startswith(hashlib.sha256(weights.read_bytes()).hexdigest())
+
+
+# -- JSON and the table on a terminal ---------------------------------------------------------
+def test_list_json_gives_each_models_effective_settings(tmp_path, weights):
+    given = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    models = {"lesion": edited(weights["lesion"], normalize=given, threshold=0.3), "grade": weights["grade"]}
+    r = invoke("models", "list", "-m", write_manifest(tmp_path, models), "--json")
+    assert r.exit_code == EXIT_OK, r.output
+    records = json.loads(r.stdout)
+    assert [m["name"] for m in records] == ["lesion", "grade"]
+    lesion, grade = records
+    assert lesion["normalize"] == {"source": "manifest", **given}
+    assert (lesion["threshold"], lesion["input_size"], lesion["resize"]) == (0.3, [64, 64], "stretch")
+    assert lesion["sha256"] == weights["lesion"]["sha256"] and lesion["ignore_keys"] == []
+    assert grade["normalize"] == {"source": "encoder default", "mean": None, "std": None}
+    assert (grade["threshold"], grade["temperature"], grade["class_values"]) == (None, 1.0, [0.0, 1.0, 2.0])
+    warnings = [line for line in r.stderr.splitlines() if "no normalize" in line]
+    assert len(warnings) == 1 and "model 'grade': no normalize in the manifest" in warnings[0]
+
+
+def test_check_json_gives_the_resolved_normalize_and_the_outcome(tmp_path, weights):
+    models = {"lesion": weights["lesion"], "grade": edited(weights["grade"], classes=4)}
+    r = invoke("models", "check", "-m", write_manifest(tmp_path, models), "--json")
+    assert r.exit_code == EXIT_INTEGRITY
+    lesion, grade = json.loads(r.stdout)
+    assert lesion["ok"] is True and lesion["error"] is None
+    assert lesion["normalize"] == {"source": "encoder default", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert lesion["output_shape"] == [1, 1, 64, 64] and lesion["dtype"] == "float32"
+    assert grade["ok"] is False and "mis-shaped: classification_head.3.bias" in grade["error"]
+    assert ("using the default of encoder tu-test_resnet.r160_in1k: mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]"
+            in r.stderr)
+
+
+def test_list_on_a_terminal_is_a_table(tmp_path, weights):
+    import os
+    import pty
+
+    path = write_manifest(tmp_path, {"lesion": weights["lesion"]})
+    pid, fd = pty.fork()
+    if pid == 0:  # child: stdout is the terminal
+        os.environ.update(COLUMNS="200", TERM="dumb")
+        os.execv(sys.executable, [sys.executable, "-m", "legitseg", "models", "list", "-m", str(path)])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode()
+    assert os.waitstatus_to_exitcode(status) == EXIT_OK, text
+    assert "┃ name" in text and "│ lesion" in text and "\t" not in text

@@ -393,3 +393,123 @@ def test_production_models_build_from_a_manifest_offline_and_fast(kit, capsys):
                      f"{got['parameters']:>11,} params {got['weight_mb']:6.1f} MB {got['seconds']:6.2f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# -- HF_HUB_OFFLINE is set in one place --------------------------------------------------------
+def test_hf_hub_offline_is_set_in_exactly_one_place():
+    package = Path(__file__).resolve().parent.parent / "legitseg"
+    setters = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if 'os.environ["HF_HUB_OFFLINE"]' in p.read_text() or "HF_HUB_OFFLINE\", " in p.read_text())
+    assert setters == ["__init__.py"]
+
+
+def test_importing_the_factory_alone_turns_the_hub_off():
+    # A fresh interpreter without HF_HUB_OFFLINE: importing legitseg.factory runs
+    # legitseg/__init__ first, so huggingface_hub reads the variable already set.
+    code = ("import legitseg.factory, huggingface_hub.constants as c, os; "
+            "print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True"]
+
+
+def test_normalize_never_asks_smp_for_preprocessing_params(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("get_preprocessing_params reaches a hub")
+
+    monkeypatch.setattr(smp.encoders, "get_preprocessing_params", refuse)
+    for encoder in ("resnet18", "efficientnet-b2", TINY):
+        mean, std = resolve_normalize(make_spec(tmp_path / "w.pt", encoder=encoder))
+        assert len(mean) == len(std) == 3
+
+
+# -- stretch input sizes the architecture cannot take -----------------------------------------
+def saved_spec(tmp_path: Path, **fields) -> ModelSpec:
+    path = tmp_path / "w.safetensors"
+    module = trained(make_spec(path, **fields))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return make_spec(path, **fields)
+
+
+@pytest.mark.parametrize(("fields", "stride", "choices"), [
+    ({"arch": "FPN", "input_size": (100, 100)}, 32, "[96, 96] or [128, 128]"),
+    ({"arch": "DeepLabV3Plus", "input_size": (100, 64)}, 16, "[96, 64] or [112, 64]"),
+    ({"arch": "FPN", "input_size": (8, 64)}, 32, "[32, 64]"),
+], ids=["FPN 100x100", "DeepLabV3Plus 100x64", "smaller than the stride"])
+def test_stretch_size_off_the_stride_is_refused_at_load(tmp_path, fields, stride, choices):
+    spec = saved_spec(tmp_path, **fields)
+    # The real module refuses that shape too: the check says what smp would say per image.
+    module = build_module(spec).eval()
+    with pytest.raises(RuntimeError, match="divisible by"), torch.inference_mode():
+        module(torch.zeros(1, 3, *spec.input_size))
+    with pytest.raises(ManifestError) as err:
+        load_model(spec)
+    assert err.value.exit_code == EXIT_INTEGRITY
+    assert str(err.value) == (
+        f"model 'm', field 'input_size': {list(spec.input_size)} is not divisible by {stride}, the output "
+        f"stride of {spec.arch} + {TINY}; with resize 'stretch' the model is fed exactly this size, so "
+        f"height and width must be multiples of {stride}: nearest valid sizes {choices}")
+
+
+@pytest.mark.parametrize("fields", [
+    {"arch": "Unet", "input_size": (100, 100)},  # smp's Unet decoder resizes to each skip: any size
+    {"task": "severity", "classes": 3, "input_size": (100, 100)},  # global pooling: any size
+    {"arch": "FPN", "resize": "pad", "input_size": (100, 100)},  # padded to the stride at run time
+], ids=["Unet", "severity", "pad"])
+def test_sizes_a_model_takes_are_not_refused(tmp_path, fields):
+    spec = saved_spec(tmp_path, **fields)
+    loaded = load_model(spec)
+    h, w = spec.input_size
+    if spec.resize == "pad":
+        h, w = h + (-h) % loaded.stride, w + (-w) % loaded.stride
+    with torch.inference_mode():
+        y = loaded.module(torch.zeros(1, 3, h, w))
+    assert tuple(y.shape) == ((1, 3) if spec.task == "severity" else (1, 1, h, w))
+
+
+# -- ignore_keys: weights trained with smp's aux_params ------------------------------------------
+@pytest.fixture(scope="module")
+def aux_model(tmp_path_factory):
+    """A real smp Unet trained with aux_params (a classification head beside the mask), saved."""
+    torch.manual_seed(5)
+    module = smp.create_model("Unet", encoder_name=TINY, encoder_weights=None, classes=1,
+                              aux_params={"classes": 4}).eval()
+    path = tmp_path_factory.mktemp("aux") / "aux.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return module, path
+
+
+def test_aux_params_weights_load_for_segmentation_with_ignore_keys(aux_model):
+    module, path = aux_model
+    with pytest.raises(WeightsError, match="unexpected: classification_head.3.bias, classification_head.3.weight"):
+        load_model(make_spec(path))
+    loaded = load_model(make_spec(path, ignore_keys=("classification_head.*",)))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        mask, _ = module(x)
+        assert torch.equal(loaded.module(x), mask)
+
+
+def test_aux_params_weights_load_as_a_severity_model_with_ignore_keys(aux_model):
+    module, path = aux_model
+    spec = make_spec(path, task="severity", classes=4, ignore_keys=("decoder.*", "segmentation_head.*"))
+    loaded = load_model(spec)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _, label = module(x)
+        assert torch.equal(loaded.module(x), label)
+
+
+@pytest.mark.parametrize(("patterns", "expected"), [
+    (("classification_hed.*",), "'classification_hed.*' matches no key of {path} that the model lacks "
+                                "(keys the model lacks: classification_head.3.bias, classification_head.3.weight)"),
+    # Keys the model has are never dropped, so a pattern matching only those is a mistake too.
+    (("classification_head.*", "encoder.*"), "'encoder.*' matches no key of {path} that the model lacks"),
+])
+def test_an_ignore_keys_pattern_that_matches_nothing_is_a_manifest_error(aux_model, patterns, expected):
+    _, path = aux_model
+    with pytest.raises(ManifestError) as err:
+        load_model(make_spec(path, ignore_keys=patterns))
+    assert err.value.exit_code == EXIT_INTEGRITY
+    assert str(err.value).startswith("model 'm', field 'ignore_keys': " + expected.format(path=path))

@@ -213,3 +213,99 @@ def test_specs_are_frozen(root):
     spec = parse_manifest(one_model(), root / "m.yaml").models["lesion"]
     with pytest.raises(ValueError):
         spec.classes = 5
+
+
+# -- non-finite numbers are refused everywhere -------------------------------------------------
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"normalize": "{mean: [0.5, .nan, 0.5], std: [0.2, 0.2, 0.2]}"}, "field 'normalize.mean.1': nan"),
+    ({"normalize": "{mean: [0.5, 0.5, 0.5], std: [0.2, .inf, 0.2]}"}, "field 'normalize.std.1': inf"),
+    ({"threshold": ".NaN"}, "field 'threshold': nan"),
+    ({"threshold": "-.inf"}, "field 'threshold': -inf"),
+    ({"parity_tolerance": ".nan"}, "field 'parity_tolerance': nan"),
+    ({"arch_params": "{encoder_output_stride: .inf}"}, "field 'arch_params.encoder_output_stride': inf"),
+    ({"arch_params": "{decoder_channels: [256, 1.0e+999, 64]}"}, "field 'arch_params.decoder_channels.1': inf"),
+    ({"task": "severity", "arch": None, "classes": 3, "temperature": ".inf"}, "field 'temperature': inf"),
+    ({"task": "severity", "arch": None, "classes": 3, "class_values": "[0, .nan, 2]"},
+     "field 'class_values.1': nan"),
+], ids=["mean", "std", "threshold nan", "threshold -inf", "parity_tolerance", "arch_params", "nested arch_params",
+        "temperature", "class_values"])
+def test_non_finite_numbers_are_refused_naming_model_and_field(root, fields, expected):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(one_model(**fields), root / "m.yaml")
+    assert err.value.exit_code == EXIT_INTEGRITY
+    assert str(err.value) == (f"{root / 'm.yaml'}: model 'lesion', {expected} is not a finite number; "
+                              "NaN and infinity are refused")
+
+
+@pytest.mark.parametrize("written", ["'nan'", "'inf'", "'-Infinity'"])
+def test_non_finite_numbers_written_as_strings_are_refused_too(root, written):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(one_model(threshold=written), root / "m.yaml")
+    assert str(err.value) == f"{root / 'm.yaml'}: model 'lesion', field 'threshold': Input should be a finite number"
+
+
+# -- YAML that would cost unbounded memory or time ------------------------------------------------
+def billion_laughs(levels: int = 9) -> str:
+    lines = ["      a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return one_model(arch_params="\n" + "\n".join(lines))
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded(root):
+    # 9 levels of 9 aliases: 10^9 strings once expanded; refused from the node tree in milliseconds.
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(billion_laughs(), root / "m.yaml")
+    assert str(err.value) == (f"{root / 'm.yaml'}: the YAML expands to more than 100000 values through "
+                              "aliases (*name) (from line 16); refused as an alias bomb")
+
+
+def test_a_small_alias_tree_is_still_a_manifest(root):
+    # Three levels (729 leaves) is within the bounds: the document parses, then smp's own
+    # argument check would judge arch_params at build time.
+    m = parse_manifest(billion_laughs(levels=3), root / "m.yaml")
+    assert len(m.models["lesion"].arch_params["a3"]) == 9
+
+
+def test_too_many_aliases_are_refused(root):
+    text = one_model(labels="[background, &x lesion]", arch_params="{many: [" + ", ".join(["*x"] * 1001) + "]}")
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(text, root / "m.yaml")
+    assert str(err.value).startswith(f"{root / 'm.yaml'}: more than 1000 YAML aliases (*name), the last at line ")
+
+
+def test_a_recursive_alias_is_refused(root):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(one_model(arch_params="&me {inner: *me}"), root / "m.yaml")
+    assert str(err.value) == f"{root / 'm.yaml'}: recursive YAML alias at line 10 (a value contains itself)"
+
+
+def test_deeply_nested_yaml_is_refused(root):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(one_model(arch_params="{x: " + "[" * 5000 + "]" * 5000 + "}"), root / "m.yaml")
+    assert str(err.value) == f"{root / 'm.yaml'}: the YAML is nested too deeply"
+
+
+@pytest.mark.parametrize(("fields", "start"), [
+    ({"arch": "U" * 100_000}, "model 'lesion', field 'arch': unknown architecture 'UUUU"),
+    ({"resize": "c" * 100_000}, "model 'lesion', field 'resize': invalid value 'cccc"),
+    ({"encoder": "e" * 100_000}, "model 'lesion', field 'encoder': unknown encoder 'eeee"),
+    ({"z" * 1000: 1}, "model 'lesion', field 'zzzz"),
+])
+def test_values_echoed_in_errors_are_capped(root, fields, start):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(one_model(**fields), root / "m.yaml")
+    message = str(err.value).removeprefix(f"{root / 'm.yaml'}: ")
+    assert message.startswith(start)
+    assert "..." in message and len(message) < 600
+
+
+def test_ignore_keys_is_a_list_of_glob_patterns(root):
+    spec = parse_manifest(one_model(ignore_keys="['classification_head.*']"), root / "m.yaml").models["lesion"]
+    assert spec.ignore_keys == ("classification_head.*",)
+    assert parse_manifest(one_model(), root / "m.yaml").models["lesion"].ignore_keys == ()
+    for written, message in (("['']", "patterns must not be empty"),
+                             ("[a.*, a.*]", "a pattern is listed twice in ['a.*', 'a.*']")):
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(one_model(ignore_keys=written), root / "m.yaml")
+        assert str(err.value) == f"{root / 'm.yaml'}: model 'lesion', field 'ignore_keys': {message}"

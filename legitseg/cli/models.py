@@ -2,37 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from legitseg.cli.common import ManifestOpt, err_console, handles_errors, load, split
+from legitseg.cli.common import ManifestOpt, err_console, handles_errors, load, setup_logging, split
+from legitseg.describe import (
+    CHECK_COLUMNS,
+    LIST_COLUMNS,
+    check_record,
+    check_row,
+    list_row,
+    model_record,
+    tsv,
+)
 from legitseg.errors import EXIT_INTEGRITY, UsageError
 
 models_app = typer.Typer(no_args_is_help=True, help="Inspect and verify the models of a manifest.")
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON array on stdout, an object per model.")]
+
+
+def _emit(title: str, columns: tuple[str, ...], rows: list[list[str]], records: list[dict], as_json: bool,
+          styles: dict[str, dict[str, str]] | None = None) -> None:
+    """JSON with --json; else a table on a terminal, tab-separated text (header row first) otherwise."""
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+    elif sys.stdout.isatty():
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col.replace("_", " "), overflow="fold")
+        for row in rows:
+            table.add_row(*[escape(c) if c not in (styles or {}) else styles[c] for c in row])
+        Console().print(table)
+    else:
+        sys.stdout.write(tsv(columns, rows))
+
+
 @models_app.command("list")
 @handles_errors
-def models_list(manifest: ManifestOpt = None) -> None:
-    """Show the manifest's models (does not import torch)."""
+def models_list(manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
+    """Show each model's effective settings (does not import torch)."""
+    setup_logging()
     m = load(manifest)
-    table = Table(title=f"{m.path}", title_justify="left")
-    for col in ("name", "task", "arch", "encoder", "classes", "input size", "weights", "sha256"):
-        table.add_column(col, overflow="fold")
-    for spec in m.models.values():
-        try:
-            weights = str(spec.weights.relative_to(m.path.parent.absolute()))
-        except ValueError:
-            weights = str(spec.weights)
-        size = "x".join(map(str, spec.input_size)) if spec.input_size else "native (pad)"
-        table.add_row(spec.name, spec.task, spec.arch or "-", spec.encoder, str(spec.classes), size,
-                      weights, spec.sha256[:12])
-    Console().print(table)
+    records = [model_record(m, spec) for spec in m.models.values()]
+    _emit(str(m.path), LIST_COLUMNS, [list_row(r) for r in records], records, as_json)
 
 
 @models_app.command("check")
@@ -40,35 +61,25 @@ def models_list(manifest: ManifestOpt = None) -> None:
 def models_check(
     manifest: ManifestOpt = None,
     models: Annotated[str | None, typer.Option("--models", help="Comma-separated model names [default: all]")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Hash, build, strictly load and run a dummy forward for each model; exit 3 if any fails."""
     from legitseg.check import check_model
 
+    setup_logging()
     m = load(manifest)
     specs = m.select(split(models))
-    table = Table(title=f"{m.path}", title_justify="left")
-    for col in ("model", "result", "build s", "parameters", "weights MB", "output"):
-        table.add_column(col, no_wrap=col in ("model", "result"))
-    failed = 0
-    problems: list[str] = []
-    for spec in specs:
-        r = check_model(spec)
-        failed += not r.ok
-        table.add_row(
-            r.name, "[green]ok[/]" if r.ok else "[red]FAILED[/]",
-            f"{r.build_seconds:.2f}" if r.build_seconds is not None else "-",
-            f"{r.parameters:,}" if r.parameters is not None else "-",
-            f"{r.weight_bytes / 1e6:.1f}" if r.weight_bytes is not None else "-",
-            f"{list(r.output_shape)} {r.dtype}" if r.output_shape else "-",
-        )
-        if r.error:
-            problems.append(f"{r.name}: {r.error}")
-    Console().print(table)
-    for line in problems:
+    records = [check_record(m, spec, check_model(spec)) for spec in specs]
+    rows = [check_row(r)[:-1] if sys.stdout.isatty() and not as_json else check_row(r) for r in records]
+    columns = CHECK_COLUMNS[:-1] if sys.stdout.isatty() and not as_json else CHECK_COLUMNS
+    _emit(str(m.path), columns, rows, records, as_json,
+          styles={"ok": "[green]ok[/]", "FAILED": "[red]FAILED[/]"})
+    failed = [r for r in records if not r["ok"]]
+    for r in failed:
         # Plain lines, never folded, so that cron logs keep each message whole.
-        sys.stderr.write(f"legitseg: FAILED {line}\n")
+        sys.stderr.write(f"legitseg: FAILED {r['name']}: {r['error']}\n")
     if failed:
-        err_console.print(f"legitseg: {failed} of {len(specs)} model(s) failed the check")
+        err_console.print(f"legitseg: {len(failed)} of {len(specs)} model(s) failed the check")
         raise typer.Exit(EXIT_INTEGRITY)
 
 
@@ -85,3 +96,16 @@ def models_hash(file: Annotated[Path, typer.Argument(help="Weights file or smp s
         raise UsageError(f"cannot read {target}: {err.strerror or err}") from err
     typer.echo(f"{digest}  {target}")
 
+
+
+@models_app.command("convert")
+@handles_errors
+def models_convert(
+    src: Annotated[Path, typer.Argument(help="Training checkpoint (.ckpt/.pt/.pth/.bin)")],
+    dst: Annotated[Path, typer.Argument(help="New weights file to write (.safetensors; must not exist)")],
+    key: Annotated[str | None, typer.Option("--key", help="Entry holding the state_dict [default: found]")] = None,
+) -> None:
+    """Extract a checkpoint's state_dict into a safetensors file and print its sha256 to pin."""
+    from legitseg.convert import convert_checkpoint
+
+    typer.echo(f"{convert_checkpoint(src, dst, key)}  {dst}")
