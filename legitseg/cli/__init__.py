@@ -15,9 +15,16 @@ import typer
 from legitseg import __version__
 from legitseg.cli import evaluate, misc, run
 from legitseg.cli.models import models_app
-from legitseg.errors import EXIT_SIGPIPE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# typer >= 0.2x carries its own copy of click; its exceptions are the ones raised.
+try:
+    from typer._click import exceptions as click_errors
+except ImportError:  # an older typer on plain click
+    from click import exceptions as click_errors
+
+from legitseg.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_USAGE
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run segmentation-models-pytorch models over folders of images.")
 app.add_typer(models_app, name="models")
 
@@ -42,11 +49,24 @@ evaluate.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors are one line on stderr (cron logs keep them whole)."""
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="legitseg")
+    except click_errors.NoArgsIsHelpError as err:
+        err.show()
+        sys.exit(EXIT_USAGE)
+    except click_errors.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "legitseg"
+        sys.stderr.write(f"legitseg: usage error: {err.format_message()} (see '{where} --help')\n")
+        sys.exit(EXIT_USAGE)
+    except click_errors.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click_errors.Abort:
+        sys.exit(EXIT_SIGINT)
     except BrokenPipeError:
         # `legitseg run --jsonl | head` closed our stdout; not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_SIGPIPE)
+    sys.exit(code if isinstance(code, int) else 0)
 

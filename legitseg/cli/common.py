@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -24,9 +23,21 @@ ManifestOpt = Annotated[
 ]
 
 
+class _ConsoleHandler(logging.Handler):
+    """Log lines through the stderr console, so that they print above a live progress bar
+    instead of through it; plain text (no markup, no wrapping) so cron logs keep each line whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err_console.print(self.format(record), markup=False, highlight=False, soft_wrap=True,
+                              emoji=False)
+        except Exception:  # noqa: BLE001 - logging must never raise; the stdlib reports it
+            self.handleError(record)
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s legitseg %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("legitseg")
     root.handlers[:] = [handler]

@@ -24,7 +24,7 @@ from legitseg.describe import (
 )
 from legitseg.errors import EXIT_INTEGRITY, UsageError
 
-models_app = typer.Typer(no_args_is_help=True, help="Inspect and verify the models of a manifest.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and verify the models of a manifest.")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON array on stdout, an object per model.")]
