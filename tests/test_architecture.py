@@ -1,0 +1,109 @@
+"""The shape of the package (docs/architecture.md): layers, module size, one record format.
+
+Read from the source with `ast`, so the checks cost nothing and cannot be fooled by
+lazy imports: an import inside a function counts like one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "legitseg"
+
+# Lowest first. A module may import modules of its own layer or below, never above.
+# (Within a layer, the modules are siblings: the backends, say.)
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names"]),
+    ("data", ["legitseg.records", "legitseg.manifest_yaml", "legitseg.manifest", "legitseg.provenance",
+              "legitseg.lock"]),
+    ("models", ["legitseg.weights", "legitseg.factory", "legitseg.convert", "legitseg.describe",
+                "legitseg.check", "legitseg.onnx_backend"]),
+    ("input", ["legitseg.pipeline", "legitseg.pipeline.naming", "legitseg.pipeline.containers",
+               "legitseg.pipeline.sources", "legitseg.pipeline.decode"]),
+    ("compute", ["legitseg.pipeline.postprocess", "legitseg.pipeline.runners", "legitseg.pipeline.infer",
+                 "legitseg.pipeline.ort_runner", "legitseg.pipeline.modes", "legitseg.pipeline.tta",
+                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling"]),
+    ("output", ["legitseg.writers", "legitseg.overlay"]),
+    ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),
+    ("jobs", ["legitseg.run", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_output",
+              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.shard", "legitseg.verify",
+              "legitseg.verify_compare", "legitseg.inputs"]),
+    ("api", ["legitseg.api"]),
+    ("cli", ["legitseg.cli", "legitseg.cli.*", "legitseg.__main__"]),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> int | None:
+    for i, (_, names) in enumerate(LAYERS):
+        for pattern in names:
+            if name == pattern or (pattern.endswith(".*") and name.startswith(pattern[:-1])):
+                return i
+    return None
+
+
+def legitseg_imports(path: Path) -> set[str]:
+    """Every legitseg module imported anywhere in the file (top level or inside functions)."""
+    found = set()
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("legitseg"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.startswith("legitseg"):
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists()
+                              or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else base)
+    return found - {me}
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    missing = [module_name(p) for p in MODULES if layer_of(module_name(p)) is None]
+    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = []
+    for path in MODULES:
+        me = module_name(path)
+        mine = layer_of(me)
+        for target in sorted(legitseg_imports(path)):
+            theirs = layer_of(target)
+            if mine is not None and theirs is not None and theirs > mine:
+                upward.append(f"{me} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_writers_do_not_import_the_pipeline():
+    assert not {m for m in legitseg_imports(PACKAGE / "writers.py") if m.startswith("legitseg.pipeline")}
+
+
+def test_no_module_is_over_400_lines():
+    big = {module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > 400}
+    assert not big, f"split these by concept: {big}"
+
+
+def test_the_record_format_is_defined_in_one_module():
+    """Record keys are spelled only in records.py: no other module builds a record dict by hand."""
+    spelled = re.compile(r"""["']weights_sha256["']\s*:""")
+    elsewhere = [module_name(p) for p in MODULES
+                 if p.name != "records.py" and spelled.search(p.read_text())]
+    assert not elsewhere, f"record keys spelled outside records.py: {elsewhere}"
