@@ -101,9 +101,29 @@ def test_no_module_is_over_400_lines():
     assert not big, f"split these by concept: {big}"
 
 
+RECORD_ONLY_KEYS = {"area_fraction", "probability_map", "components", "error_kind", "overlay"}
+# Readers still to move to the typed records (removed from this set as they move).
+PENDING: set[str] = {"legitseg.evaluate", "legitseg.report"}
+
+
+def record_keys_spelled(path: Path) -> set[str]:
+    """Record-only keys used as dict subscripts or .get() arguments in a module."""
+    keys = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            key = node.args[0].value
+        else:
+            continue
+        if key in RECORD_ONLY_KEYS:
+            keys.add(key)
+    return keys
+
+
 def test_the_record_format_is_defined_in_one_module():
-    """Record keys are spelled only in records.py: no other module builds a record dict by hand."""
-    spelled = re.compile(r"""["']weights_sha256["']\s*:""")
-    elsewhere = [module_name(p) for p in MODULES
-                 if p.name != "records.py" and spelled.search(p.read_text())]
+    """Record fields are read and written through legitseg.records' types, never by string key elsewhere."""
+    elsewhere = {module_name(p): keys for p in MODULES
+                 if p.name != "records.py" and module_name(p) not in PENDING and (keys := record_keys_spelled(p))}
     assert not elsewhere, f"record keys spelled outside records.py: {elsewhere}"
