@@ -7,7 +7,6 @@ lazy imports: an import inside a function counts like one at the top.
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 from tests.conftest import REPO

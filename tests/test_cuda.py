@@ -88,7 +88,6 @@ def test_missing_cuda_index_exits_4(setup, tmp_path):
 
 def test_real_out_of_memory_batch_is_retried_image_by_image(kit, tmp_path):
     """A batch far larger than the card's memory fails with a real CUDA OOM; each image alone fits."""
-    free, total = torch.cuda.mem_get_info()
     side = 8192
     kit.add("big", input_size=(side, side))
     manifest = kit.write()
@@ -103,4 +102,3 @@ def test_real_out_of_memory_batch_is_retried_image_by_image(kit, tmp_path):
     assert r.exit_code == 0, r.output
     recs = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
     assert len(recs) == n and all(rec["status"] == "ok" for rec in recs)
-    assert total > 0 and free > 0
