@@ -122,7 +122,8 @@ def test_bad_images_fail_alone(manifest, tmp_path):
     rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * (len(expected) + 1)
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"processed": 1, "skipped": 0, "failed": len(expected)}
+    assert run["counts"] == {"processed": 1, "skipped": 0, "failed": len(expected), "skipped_failed": 0,
+                             "unreadable_records": 0}
 
 
 # -- 2. odd but valid images succeed ---------------------------------------------------------
