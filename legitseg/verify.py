@@ -36,9 +36,9 @@ from legitseg.fsio import atomic_write, dumps, sha256_bytes, write_json
 from legitseg.manifest import Manifest, ModelSpec
 from legitseg.pipeline.naming import source_key
 from legitseg.records import ImageRecord, settings_digest
+from legitseg.tolerances import Tolerances
 from legitseg.verify_compare import (
     ModelComparison,
-    Tolerances,
     compare_segmentation,
     compare_severity,
     quantise,

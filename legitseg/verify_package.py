@@ -13,7 +13,7 @@ from legitseg.errors import VerificationPackageError
 from legitseg.fsio import sha256_bytes
 from legitseg.manifest import ModelSpec
 from legitseg.records import _NOT_SETTINGS, settings_digest
-from legitseg.verify_compare import Tolerances
+from legitseg.tolerances import Tolerances
 
 PACKAGE_FILE = "package.json"
 PACKAGE_KIND = "legitseg verification package"

@@ -18,7 +18,7 @@ from legitseg.errors import (
     RuntimeFailure,
     UsageError,
 )
-from legitseg.verify_compare import Tolerances
+from legitseg.tolerances import Tolerances
 
 _DEFAULT = Tolerances()
 
