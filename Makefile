@@ -33,6 +33,7 @@ demo: install
 	rm -rf out/demo
 	$(BIN)/legitseg run examples/images -m models.yaml -o out/demo
 	$(BIN)/python tools/demo_summary.py out/demo
+	$(BIN)/legitseg verify examples/verification -m models.yaml -o out/demo/verification
 
 bench: install
 	$(BIN)/python benchmarks/run_bench.py

@@ -67,3 +67,9 @@ class ImageError(Exception):
     def __init__(self, message: str, *, sha256: str | None = None):
         super().__init__(message)
         self.sha256 = sha256
+
+
+class VerificationPackageError(LegitsegError):
+    """A verification package is missing, malformed or altered (exit 3)."""
+
+    exit_code = EXIT_INTEGRITY

@@ -1,0 +1,101 @@
+"""`legitseg verify`: check a verification package, or make one with --make."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from legitseg.cli.common import ManifestOpt, fail, load, log, setup_logging, split
+from legitseg.errors import (
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_VERIFY_FAILED,
+    LegitsegError,
+    RuntimeFailure,
+    UsageError,
+)
+from legitseg.tolerances import Tolerances
+
+_DEFAULT = Tolerances()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify)
+
+
+def verify(
+    package: Annotated[Path, typer.Argument(help="Verification package folder")],
+    images: Annotated[list[str] | None, typer.Argument(help="With --make: image files or folders to freeze as cases")] = None,
+    make: Annotated[bool, typer.Option("--make", help="Make PACKAGE from IMAGES instead of verifying it")] = False,
+    manifest: ManifestOpt = None,
+    models: Annotated[str | None, typer.Option("--models", help="With --make: comma-separated model names [default: all]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where verification.json, report.md and the run's outputs go (new or empty) [default: PACKAGE/results/<time>-<pid>]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    backend: Annotated[str | None, typer.Option(help="auto | torch | onnxruntime [default: each model's manifest `backend`]")] = None,
+    max_dp: Annotated[float, typer.Option("--max-dp", help="With --make: largest allowed |probability difference|")] = _DEFAULT.max_dp,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="With --make: smallest allowed fraction of equal mask pixels")] = _DEFAULT.min_agreement,
+    max_score_delta: Annotated[float, typer.Option("--max-score-delta", help="With --make: largest allowed severity score difference")] = _DEFAULT.max_score_delta,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
+) -> None:
+    """Run a verification package's cases and compare them with its expected outputs (exit 0 if all
+    hold, 7 if any fails); with --make, freeze the outputs of IMAGES as a new package."""
+    setup_logging(quiet, verbose)
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        m = load(manifest)
+        if make:
+            code = _make(package, images or [], m, models, out, device, backend,
+                         Tolerances(max_dp, min_agreement, max_score_delta), stop)
+        else:
+            if images:
+                raise UsageError(f"IMAGES ({images[0]}, ...) are only taken with --make")
+            if models:
+                raise UsageError("--models is only taken with --make: verify runs the package's models")
+            code = _verify(package, m, out, device, backend, stop)
+    except LegitsegError as err:
+        if stop.is_set():
+            log.warning("interrupted: %s", err)
+            raise typer.Exit(EXIT_SIGINT) from None
+        raise fail(err) from None
+    except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
+        log.debug("unexpected error", exc_info=True)
+        raise fail(RuntimeFailure(f"unexpected {type(err).__name__}: {err} (rerun with -v for the traceback)")) from None
+    finally:
+        signal.signal(signal.SIGINT, old)
+    raise typer.Exit(code)
+
+
+def _make(package, images, m, models, out, device, backend, tolerances, stop) -> int:
+    from legitseg.verify import make_package
+
+    if not images:
+        raise UsageError("--make needs IMAGES: the image files or folders to freeze as cases")
+    if out is not None:
+        raise UsageError("--out is for verifying; --make writes the package to PACKAGE")
+    made = make_package(package, images, m, m.select(split(models)), tolerances.checked(),
+                        device=device, backend=backend, stop=stop)
+    typer.echo(f"made {made.path}: {len(made.cases)} case(s), models "
+               + ", ".join(f"{k} ({v})" for k, v in made.backends.items()))
+    return EXIT_OK
+
+
+def _verify(package, m, out, device, backend, stop) -> int:
+    from legitseg.verify import verify_package
+
+    result = verify_package(package, m, out=out, device=device, backend=backend, stop=stop)
+    for check in result.models:
+        for problem in check.problems():
+            typer.echo(f"FAIL model {check.name}: {problem}")
+    for case in result.cases:
+        typer.echo(case.line())
+    passed = sum(c.ok for c in result.cases)
+    verdict = "PASSED" if result.ok else "FAILED"
+    typer.echo(f"verification {verdict}: {passed}/{len(result.cases)} case(s) hold; "
+               f"report {result.report_path}")
+    return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
