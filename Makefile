@@ -24,6 +24,7 @@ python:
 	@$(SHELL) tools/find_python.sh >/dev/null
 
 test: install
+	@$(SHELL) tools/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -33,6 +34,9 @@ demo: install
 	rm -rf out/demo
 	$(BIN)/legitseg run examples/images -m models.yaml -o out/demo
 	$(BIN)/python tools/demo_summary.py out/demo
+	$(BIN)/legitseg evaluate out/demo examples/ground_truth --quiet
+	$(BIN)/legitseg report out/demo -o out/demo/report.html
+	@echo "demo report: out/demo/report.html (evaluation: out/demo/evaluation/)"
 	$(BIN)/legitseg verify examples/verification -m models.yaml -o out/demo/verification
 
 bench: install
