@@ -75,14 +75,19 @@ class ModelOutput:
         return cls(error=error, error_kind=kind)
 
 
+def settings_fields(spec: ModelSpec, *, exclude_defaults: bool = True) -> dict[str, Any]:
+    """The model settings that shape its outputs (not its name, weights path or backend)."""
+    return spec.model_dump(mode="json", exclude_defaults=exclude_defaults, exclude=_NOT_SETTINGS)
+
+
 def settings_digest(spec: ModelSpec) -> str:
-    """sha256 of the model settings that shape its outputs (not its name, path or backend).
+    """sha256 of `settings_fields(spec)` and the output format version.
 
     Fields left at their default are not part of it, so a new manifest field with a
     default does not invalidate earlier results; the format version is.
     """
-    fields = spec.model_dump(mode="json", exclude_defaults=True, exclude=_NOT_SETTINGS)
-    return hashlib.sha256(dumps({"format": FORMAT_VERSION, "spec": fields}, sort_keys=True).encode()).hexdigest()
+    payload = {"format": FORMAT_VERSION, "spec": settings_fields(spec)}
+    return hashlib.sha256(dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

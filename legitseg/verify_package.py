@@ -12,18 +12,13 @@ from typing import Any
 from legitseg.errors import VerificationPackageError
 from legitseg.fsio import sha256_bytes
 from legitseg.manifest import ModelSpec
-from legitseg.records import _NOT_SETTINGS, settings_digest
+from legitseg.records import settings_digest, settings_fields
 from legitseg.tolerances import Tolerances
 
 PACKAGE_FILE = "package.json"
 PACKAGE_KIND = "legitseg verification package"
 PACKAGE_VERSION = 1
 CASES = "cases"
-
-
-def settings_fields(spec: ModelSpec) -> dict[str, Any]:
-    """The settings `records.settings_digest` hashes, as plain JSON (to name what differs)."""
-    return spec.model_dump(mode="json", exclude_defaults=True, exclude=_NOT_SETTINGS)
 
 
 # -- reading a package ---------------------------------------------------------------------
