@@ -62,18 +62,10 @@ class RunConfig:
     require_images: bool = False  # an INPUT folder without images is an error (exit 6)
     null: bool = False  # paths on stdin are NUL-separated (find -print0)
     stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
+    runners: list | None = None  # already built for `models` (a Predictor's); None: built when there is work
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r}: choose {_choices(PRECISIONS)}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise UsageError(f"--backend {self.backend!r}: choose {_choices(BACKENDS)}")
-        if self.precision in ("fp16", "tf32") and self.device == "cpu":
-            raise UsageError(f"--precision {self.precision} needs a CUDA device; on the CPU use fp32 or bf16")
-        for name, value in (("--batch-size", self.batch_size), ("--workers", self.workers),
-                            ("--max-pixels", self.max_pixels)):
-            if value is not None and value < (0 if name == "--workers" else 1):
-                raise UsageError(f"{name} {value}: out of range")
+        check_options(self.device, self.precision, self.backend, self.batch_size, self.workers, self.max_pixels)
 
     def arguments(self) -> dict[str, Any]:
         """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
@@ -83,6 +75,20 @@ class RunConfig:
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
                 "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
                 "require_images": self.require_images, "null": self.null}
+
+
+def check_options(device: str, precision: str, backend: str | None, batch_size: int | None,
+                  workers: int | None, max_pixels: int | None) -> None:
+    """The checks every run and every Predictor makes on its options. Raises UsageError (exit 2)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose {_choices(PRECISIONS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: choose {_choices(BACKENDS)}")
+    if precision in ("fp16", "tf32") and device == "cpu":
+        raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 or bf16")
+    for name, value in (("--batch-size", batch_size), ("--workers", workers), ("--max-pixels", max_pixels)):
+        if value is not None and value < (0 if name == "--workers" else 1):
+            raise UsageError(f"{name} {value}: out of range")
 
 
 @dataclass
@@ -137,6 +143,10 @@ def default_writers(device_type: str) -> int:
     if device_type == "cuda":
         return max(2, min(8, (os.cpu_count() or 1) // 2))
     return 2
+
+
+def default_batch_size(device_type: str) -> int:
+    return 16 if device_type == "cuda" else 4
 
 
 def default_workers(device_type: str) -> int:
@@ -242,16 +252,20 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed)
     runners: list = []
     if todo and not stop.is_set():
-        from legitseg.pipeline.infer import check_precision, choose_device
+        if cfg.runners:
+            device = cfg.runners[0].device
+        else:
+            from legitseg.pipeline.infer import check_precision, choose_device
 
-        device = choose_device(cfg.device)
-        check_precision(cfg.precision, device)
+            device = choose_device(cfg.device)
+            check_precision(cfg.precision, device)
         settings.device = str(device)
         if cfg.workers is None:
             settings.workers = default_workers(device.type)
-        settings.batch_size = cfg.batch_size or (16 if device.type == "cuda" else 4)
+        settings.batch_size = cfg.batch_size or default_batch_size(device.type)
         settings.writers = cfg.writers or default_writers(device.type)
-        runners = _build_runners(cfg, device)
+        runners = list(cfg.runners) if cfg.runners else build_runners(cfg.models, device, cfg.precision,
+                                                                       cfg.backend)
     if not lock.held:
         lock.acquire()
     (cfg.out / OUT_MARKER).touch()
@@ -349,13 +363,14 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     return run_json
 
 
-def _build_runners(cfg: RunConfig, device) -> list:
+def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None) -> list:
+    """Load (sha256-checked) and build one runner per model. Raises WeightsError/ManifestError (exit 3)."""
     from legitseg.factory import load_model
     from legitseg.pipeline.runners import build_runner
 
     runners = []
-    for spec in cfg.models:
+    for spec in specs:
         loaded = load_model(spec)
-        runners.append(build_runner(loaded, device, cfg.precision, cfg.backend))
+        runners.append(build_runner(loaded, device, precision, backend))
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners

@@ -1,4 +1,4 @@
-"""`legitseg run`: options -> RunConfig, events -> progress, log lines and --jsonl rows."""
+"""`legitseg run`: options -> `legitseg.api.run`; its events -> progress, log lines and --jsonl rows."""
 
 from __future__ import annotations
 
@@ -13,10 +13,16 @@ from typing import Annotated
 
 import typer
 
-from legitseg.cli.common import ManifestOpt, err_console, fail, load, log, setup_logging, split
+from legitseg.cli.common import (
+    ManifestOpt,
+    err_console,
+    fail,
+    log,
+    manifest_path,
+    setup_logging,
+    split,
+)
 from legitseg.errors import (
-    EXIT_IMAGES_FAILED,
-    EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGPIPE,
     EXIT_SIGTERM,
@@ -134,45 +140,44 @@ def run(
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null) -> int:
-    from legitseg.run import Finished, Planned, RunConfig, Skipped, Started, execute
+    """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
+    from legitseg.api import run as run_api
+    from legitseg.run import Planned, Skipped, Started
     from legitseg.writers import ImageOutcome
 
-    m = load(manifest)
-    specs = m.select(split(models))
-    cfg = RunConfig(
-        inputs=inputs, out=out, manifest=m, models=specs, device=device, batch_size=batch_size,
-        workers=workers, precision=precision, backend=backend, save_probabilities=save_probabilities,
-        overwrite=overwrite, max_pixels=max_pixels, retry_failed=retry_failed, require_images=require_images,
-        null=null, stdin=_binary_stdin() if "-" in inputs else None,
-    )
     stdout = sys.stdout
     progress: _Progress | None = None
-    finished: Finished | None = None
+
+    def show(event) -> None:
+        nonlocal progress
+        if isinstance(event, Planned):
+            log.info("%d image(s): %d to process, %d already done%s", event.total, event.todo,
+                     event.skipped, _failed_note(event.skipped_failed))
+            progress = _Progress(event.todo, quiet)
+        elif isinstance(event, Skipped):
+            if jsonl:
+                _emit(stdout, event.rows, signals)
+        elif isinstance(event, Started):
+            log.info("models on %s: %s", event.device,
+                     ", ".join(f"{k} ({v})" for k, v in event.backends.items()))
+        elif isinstance(event, ImageOutcome):
+            if not event.ok:
+                log.warning("failed: %s: %s", event.record.image, event.record.error)
+            if jsonl:
+                _emit(stdout, event.rows, signals)
+            progress.advance(event.ok)
+
     with _Signals() as signals:
         try:
-            for event in execute(cfg, signals.stop):
-                if isinstance(event, Planned):
-                    log.info("%d image(s): %d to process, %d already done%s", event.total, event.todo,
-                             event.skipped, _failed_note(event.skipped_failed))
-                    progress = _Progress(event.todo, quiet)
-                elif isinstance(event, Skipped):
-                    if jsonl:
-                        _emit(stdout, event.rows, signals)
-                elif isinstance(event, Started):
-                    log.info("models on %s: %s", event.device,
-                             ", ".join(f"{k} ({v})" for k, v in event.backends.items()))
-                elif isinstance(event, ImageOutcome):
-                    if not event.ok:
-                        log.warning("failed: %s: %s", event.record.image, event.record.error)
-                    if jsonl:
-                        _emit(stdout, event.rows, signals)
-                    progress.advance(event.ok)
-                elif isinstance(event, Finished):
-                    finished = event
+            finished = run_api(
+                inputs, out, manifest=manifest_path(manifest), models=split(models), device=device,
+                batch_size=batch_size, workers=workers, precision=precision, backend=backend,
+                save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
+                retry_failed=retry_failed, require_images=require_images, null=null,
+                stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show)
         finally:
             if progress is not None:
                 progress.close()
-    assert finished is not None  # execute() always ends with Finished unless it raised
     log.info("%s: %d processed, %d skipped, %d failed; outputs in %s",
              finished.status, finished.processed, finished.skipped, finished.failed, out)
     if finished.skipped_failed:
@@ -180,7 +185,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                  finished.skipped_failed)
     if finished.status == "interrupted":
         return {signal.SIGTERM: EXIT_SIGTERM, signal.SIGPIPE: EXIT_SIGPIPE}.get(signals.signum, EXIT_SIGINT)
-    return EXIT_IMAGES_FAILED if finished.failed else EXIT_OK
+    return finished.exit_code
 
 
 def _failed_note(skipped_failed: int) -> str:

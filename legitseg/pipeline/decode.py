@@ -266,7 +266,12 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int) -> DecodedIma
     except MemoryError as err:
         raise ImageError(f"not enough memory to decode {len(data):,} bytes", sha256=digest) from err
     del data
-    item = DecodedImage(source, digest, rgb.shape[:2])
+    return prepared(source, digest, rgb, preps)
+
+
+def prepared(source: Source, sha256: str, rgb: np.ndarray, preps: list[Prep]) -> DecodedImage:
+    """A decoded 8-bit RGB image with its input for every Prep (files and in-memory pixels alike)."""
+    item = DecodedImage(source, sha256, rgb.shape[:2])
     for prep in preps:
         item.inputs[prep] = prepare(rgb, prep)
     return item

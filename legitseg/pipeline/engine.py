@@ -14,7 +14,7 @@ import gc
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import cv2
@@ -24,6 +24,7 @@ from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.pipeline import postprocess
 from legitseg.pipeline.decode import DecodedImage, load_image
 from legitseg.pipeline.naming import source_key
+from legitseg.pipeline.pixels import PixelSource
 from legitseg.pipeline.runners import Runner
 from legitseg.pipeline.sources import Source
 from legitseg.records import ImageResult, ModelOutput
@@ -60,6 +61,8 @@ class Engine:
     # -- stage 1: decode ---------------------------------------------------------------
     def _decode(self, source: Source) -> DecodedImage | ImageError:
         try:
+            if isinstance(source, PixelSource):  # pixels given in memory (the Python API)
+                return source.load(self.preps, self.max_pixels)
             return load_image(source, self.preps, self.max_pixels)
         except ImageError as err:
             return err
@@ -68,7 +71,7 @@ class Engine:
             log.debug("unexpected error decoding %s", source.path, exc_info=True)
             return ImageError(f"could not decode: {type(err).__name__}: {err}")
 
-    def _decoded(self, sources: list[Source]) -> Iterator[tuple[Source, DecodedImage | ImageError]]:
+    def _decoded(self, sources: Iterable[Source]) -> Iterator[tuple[Source, DecodedImage | ImageError]]:
         """Decoded images in input order, at most `window` in flight."""
         if self.workers == 0:
             for s in sources:
@@ -178,36 +181,49 @@ class Engine:
                            error=message)
 
     # -- the whole stream ----------------------------------------------------------------
-    def process(self, sources: list[Source]) -> Iterator[ImageResult]:
+    def process(self, sources: Iterable[Source]) -> Iterator[ImageResult]:
         """Yield one ImageResult per source, in input order, until done or `stop` is set.
+
+        `sources` is read lazily (at most a decode window ahead), so a generator streams.
 
         Raises RuntimeFailure when the device fails.
         """
         pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="legitseg-post")
         queued: deque[Future] = deque()
         max_queued = 2 * self.post_threads
-        batch: list[DecodedImage] = []
+        # Decoded images wait here for a full batch; an image that failed to decode waits in its
+        # place too, so results leave in input order.
+        batch: list[DecodedImage | ImageResult] = []
+        waiting = 0  # decoded images in `batch`
 
         def drain(limit: int) -> Iterator[ImageResult]:
             while len(queued) > limit:
                 yield queued.popleft().result()
 
         def flush() -> Iterator[ImageResult]:
-            for item, outputs in zip(batch, self._run_batch(batch), strict=True):
-                queued.append(pool.submit(self._finish, item, outputs))
+            nonlocal waiting
+            decoded = [b for b in batch if isinstance(b, DecodedImage)]
+            outputs = iter(self._run_batch(decoded) if decoded else [])
+            for item in batch:
+                if isinstance(item, DecodedImage):
+                    queued.append(pool.submit(self._finish, item, next(outputs)))
+                else:
+                    done: Future = Future()
+                    done.set_result(item)
+                    queued.append(done)
                 yield from drain(max_queued)
             batch.clear()
+            waiting = 0
 
         try:
             for source, decoded in self._decoded(sources):
                 if isinstance(decoded, ImageError):
-                    done: Future = Future()
-                    done.set_result(self._failed(source, decoded))
-                    queued.append(done)
-                    yield from drain(max_queued)
-                    continue
-                batch.append(decoded)
-                if len(batch) >= self.batch_size:
+                    batch.append(self._failed(source, decoded))
+                else:
+                    batch.append(decoded)
+                    waiting += 1
+                # Many failures between two decoded images flush a short batch: memory stays bounded.
+                if waiting >= self.batch_size or len(batch) >= 4 * self.batch_size:
                     yield from flush()
                 if self.stop.is_set():
                     break

@@ -1,0 +1,326 @@
+"""The Python API: the pipeline of `legitseg run`, from a notebook or a research script.
+
+`Predictor` verifies and builds the models once, then `predict` streams images
+(paths, folders, numpy arrays, PIL images) through the same engine the CLI uses and
+yields a `Prediction` per image; `Predictor.run` and `run` write an output folder
+exactly as `legitseg run` does (the CLI calls `run`). Nothing here imports torch at
+import time: `import legitseg` stays cheap, models are built when a Predictor is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
+
+from legitseg import __version__
+from legitseg.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_SIGINT, LegitsegError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from legitseg.manifest import Manifest
+    from legitseg.records import ImageResult, ModelOutput
+
+    ImageLike: TypeAlias = str | bytes | os.PathLike[str] | np.ndarray | Image.Image
+    Inputs: TypeAlias = ImageLike | Iterable[ImageLike]
+
+__all__ = ["ImageFailed", "ModelResult", "Prediction", "Predictor", "RunSummary", "run"]
+DEFAULT_MAX_PIXELS = 100_000_000  # as --max-pixels; checked against decode.DEFAULT_MAX_PIXELS by a test
+PathLike: TypeAlias = str | os.PathLike[str]
+
+
+class ImageFailed(LegitsegError):
+    """One image failed and `raise_on_error=True` was asked for; `.prediction` holds its Prediction."""
+
+    exit_code = EXIT_IMAGES_FAILED
+
+    def __init__(self, prediction: Prediction):
+        super().__init__(f"{prediction.image}: {prediction.error}")
+        self.prediction = prediction
+
+
+@dataclass
+class ModelResult:
+    """What one model gave for one image, with the provenance a record carries.
+
+    Segmentation: `mask` (H, W) uint8 (uint16 above 255 classes) at the image's size,
+    `area_fraction` and `components` per non-background label, and `probabilities`
+    (C, H, W) float16 when asked for. Severity: `probabilities` (list of floats, one per
+    class), `grade` and `score`. A failed model has `status` "failed", `error`, `error_kind`.
+    """
+
+    model: str
+    task: str  # segmentation | severity
+    status: str  # ok | failed
+    weights_sha256: str
+    settings: str  # digest of the model settings (as in records)
+    backend: str  # torch | onnxruntime
+    parity: float | None = None
+    mask: np.ndarray | None = None
+    probabilities: np.ndarray | list[float] | None = None
+    area_fraction: dict[str, float] | None = None
+    components: dict[str, int] | None = None
+    score: float | None = None
+    grade: int | None = None
+    error: str | None = None
+    error_kind: str | None = None  # image | forward | oom | postprocess
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Prediction:
+    """One image through every selected model.
+
+    `image` is the path as given, or `array[i]` / `image[i]` for the i-th item of the
+    inputs when it was a numpy array / PIL image. `sha256` is that of the file's bytes
+    (`input_kind` "file") or of the (H, W, 3) uint8 RGB pixels after conversion
+    ("array", "pil"). `size` is (height, width) after EXIF orientation. A failed image
+    has `error` and `error_kind` set (every model result failed with it).
+    """
+
+    image: str
+    name: str
+    input_kind: str  # file | array | pil
+    sha256: str | None
+    size: tuple[int, int] | None
+    results: dict[str, ModelResult] = field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None
+    legitseg: str = __version__
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __getitem__(self, model: str) -> ModelResult:
+        return self.results[model]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did: its status (completed | interrupted), counts, id and run file."""
+
+    status: str
+    processed: int
+    skipped: int
+    failed: int
+    skipped_failed: int
+    run_id: str
+    run_json: Path
+    out: Path
+
+    @property
+    def exit_code(self) -> int:
+        """What `legitseg run` exits with: 0, 1 (some images failed) or 130 (interrupted)."""
+        if self.status == "interrupted":
+            return EXIT_SIGINT
+        return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
+
+
+def _names(models: Sequence[str] | str | None) -> list[str] | None:
+    if isinstance(models, str):
+        return [m.strip() for m in models.split(",") if m.strip()]
+    return list(models) if models else None
+
+
+def _manifest(manifest: PathLike | Manifest) -> Manifest:
+    from legitseg.manifest import Manifest, load_manifest
+
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+
+
+def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathLike | Manifest = "models.yaml",
+        models: Sequence[str] | str | None = None, device: str = "auto", precision: str = "fp32",
+        backend: str | None = None, batch_size: int | None = None, workers: int | None = None,
+        save_probabilities: bool = False, overwrite: bool = False, retry_failed: bool = False,
+        require_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, null: bool = False,
+        stdin: IO[bytes] | None = None, stop: threading.Event | None = None,
+        on_event: Callable[[Any], None] | None = None, runners: list | None = None) -> RunSummary:
+    """Do what `legitseg run INPUTS -o OUT` does, with the same options, and return its summary.
+
+    `inputs` are paths: files, folders, or "-" to read paths from `stdin` (bytes).
+    `on_event` sees every event of `legitseg.run.execute` (Planned, Skipped, Started,
+    ImageOutcome, Finished), as the CLI does for its progress and --jsonl rows; setting
+    `stop` ends the run after the images in flight (status "interrupted").
+    A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
+    ManifestError or WeightsError (exit 3, before anything is read or written),
+    RuntimeFailure (4), OutputLocked (5), NoImages (6).
+    """
+    from legitseg.run import Finished, RunConfig, execute
+
+    m = _manifest(manifest)
+    specs = m.select(_names(models))
+    paths = [os.fsdecode(inputs)] if isinstance(inputs, str | bytes | os.PathLike) else [os.fsdecode(p) for p in inputs]
+    cfg = RunConfig(inputs=paths, out=Path(out), manifest=m, models=specs, device=device,
+                    batch_size=batch_size, workers=workers, precision=precision, backend=backend,
+                    save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
+                    retry_failed=retry_failed, require_images=require_images, null=null, stdin=stdin,
+                    runners=runners)
+    finished: Finished | None = None
+    with contextlib.closing(execute(cfg, stop or threading.Event())) as events:
+        for event in events:
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, Finished):
+                finished = event
+    assert finished is not None  # execute() always ends with Finished unless it raised
+    return RunSummary(finished.status, finished.processed, finished.skipped, finished.failed,
+                      finished.skipped_failed, finished.run_id, finished.run_json, cfg.out)
+
+
+class Predictor:
+    """Models of a manifest, verified and built once, ready to predict.
+
+    Raises, before anything runs: ManifestError (bad or missing manifest, exit 3),
+    WeightsError (a weights file fails its sha256 or does not load, exit 3),
+    UsageError (unknown model, bad option, exit 2), RuntimeFailure (no such device, exit 4).
+    """
+
+    def __init__(self, manifest: PathLike | Manifest = "models.yaml", models: Sequence[str] | str | None = None,
+                 device: str = "auto", precision: str = "fp32", backend: str | None = None,
+                 batch_size: int | None = None, *, workers: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        from legitseg.pipeline.infer import check_precision, choose_device
+        from legitseg.run import (
+            build_runners,
+            check_options,
+            default_batch_size,
+            default_workers,
+            default_writers,
+        )
+        from legitseg.weights import verify_sha256
+
+        check_options(device, precision, backend, batch_size, workers, max_pixels)
+        self.manifest = _manifest(manifest)
+        self.specs = self.manifest.select(_names(models))
+        for spec in self.specs:
+            verify_sha256(spec.weights, spec.sha256, spec.name)
+        self._device_arg = device
+        torch_device = choose_device(device)
+        check_precision(precision, torch_device)
+        self.device = str(torch_device)
+        self.precision = precision
+        self.backend = backend
+        self.batch_size = batch_size or default_batch_size(torch_device.type)
+        self.workers = default_workers(torch_device.type) if workers is None else workers
+        self.writers = default_writers(torch_device.type)
+        self.max_pixels = max_pixels
+        self.runners = build_runners(self.specs, torch_device, precision, backend)
+        self._infos = {r.name: self._info(r) for r in self.runners}
+
+    @staticmethod
+    def _info(runner: Any) -> dict[str, Any]:
+        from legitseg.records import settings_digest
+
+        spec = runner.loaded.spec
+        return dict(task=spec.task, weights_sha256=spec.sha256, settings=settings_digest(spec),
+                    backend=runner.backend, parity=runner.parity)
+
+    @property
+    def models(self) -> list[str]:
+        """The selected model names, in order."""
+        return [s.name for s in self.specs]
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """The backend each model runs on (torch, or onnxruntime when it passed its parity gate)."""
+        return {r.name: r.backend for r in self.runners}
+
+    def predict(self, inputs: Inputs, *, probabilities: bool = False,
+                raise_on_error: bool = False) -> Iterator[Prediction]:
+        """Yield one Prediction per image, in input order, as each is ready.
+
+        `inputs`: a path, a folder (searched as `legitseg run` does), a numpy array
+        ((H, W, 3) uint8 RGB, or (H, W) gray), a PIL image, or an iterable (list,
+        generator) of them, read lazily so memory stays bounded. `probabilities`
+        keeps float16 (C, H, W) probability maps of segmentation models.
+        A failed image is a Prediction with `error` set; with `raise_on_error` it raises
+        ImageFailed instead. Raises UsageError for an item that is not an image or a
+        path, RuntimeFailure when the device fails.
+        """
+        from legitseg.inputs import iter_sources
+        from legitseg.pipeline.engine import Engine
+        from legitseg.pipeline.infer import math_mode
+        from legitseg.pipeline.pixels import PixelSource
+
+        # The engine yields one result per source, in order: the kinds queue pairs them up.
+        kinds: deque[str] = deque()
+
+        def sources() -> Iterator[Any]:
+            for source in iter_sources(inputs):
+                kinds.append(source.kind if isinstance(source, PixelSource) else "file")
+                yield source
+
+        stop = threading.Event()
+        engine = Engine(self.runners, batch_size=self.batch_size, workers=self.workers,
+                        post_threads=self.writers, save_probabilities=probabilities,
+                        max_pixels=self.max_pixels, stop=stop)
+        results = engine.process(sources())
+        try:
+            with math_mode(self.precision):
+                for result in results:
+                    prediction = self._prediction(result, kinds.popleft())
+                    if raise_on_error and not prediction.ok:
+                        raise ImageFailed(prediction)
+                    yield prediction
+        finally:
+            stop.set()
+            results.close()
+
+    def predict_one(self, image: ImageLike, *, probabilities: bool = False) -> Prediction:
+        """The Prediction of one image (a file path, an array or a PIL image); a folder is a UsageError."""
+        if isinstance(image, str | bytes | os.PathLike) and os.path.isdir(image):
+            raise UsageError(f"predict_one: {os.fsdecode(image)!r} is a folder; use predict() for folders")
+        return next(iter(self.predict(image, probabilities=probabilities)))
+
+    def run(self, inputs: PathLike | Sequence[PathLike], out: PathLike, **options: Any) -> RunSummary:
+        """`legitseg run INPUTS -o OUT` with this Predictor's models, device, precision, backend
+        and batch size (models are not built again). `options` are those of `legitseg.api.run`
+        (save_probabilities, overwrite, retry_failed, ...). Raises as `legitseg.api.run` does."""
+        for key in ("manifest", "models", "device", "precision", "backend", "runners"):
+            if key in options:
+                raise UsageError(f"Predictor.run: {key} is the Predictor's; make another Predictor to change it")
+        options.setdefault("batch_size", self.batch_size)
+        options.setdefault("workers", self.workers)
+        options.setdefault("max_pixels", self.max_pixels)
+        return run(inputs, out, manifest=self.manifest, models=self.models, device=self._device_arg,
+                   precision=self.precision, backend=self.backend, runners=self.runners, **options)
+
+    def _prediction(self, result: ImageResult, kind: str) -> Prediction:
+        results = {name: self._model_result(name, output) for name, output in result.outputs.items()}
+        error, error_kind = result.error, "image" if result.error else None
+        failed = [(n, r) for n, r in results.items() if not r.ok]
+        if error is None and failed:
+            error = "; ".join(f"{n}: {r.error}" for n, r in failed)
+            error_kind = failed[0][1].error_kind
+        return Prediction(result.image, result.name, kind, result.sha256, result.size, results, error, error_kind)
+
+    def _model_result(self, name: str, output: ModelOutput) -> ModelResult:
+        from legitseg.records import SegmentationResult
+
+        info = self._infos[name]
+        if output.error is not None or output.result is None:
+            return ModelResult(name, info["task"], "failed", info["weights_sha256"], info["settings"],
+                               info["backend"], info["parity"], error=output.error or "no result",
+                               error_kind=output.error_kind)
+        value = output.result
+        res = ModelResult(name, info["task"], "ok", info["weights_sha256"], info["settings"], info["backend"],
+                          info["parity"], probabilities=value.probabilities)
+        if isinstance(value, SegmentationResult):
+            res.mask, res.area_fraction, res.components = value.mask, value.area_fraction, value.components
+        else:
+            res.grade, res.score = value.grade, value.score
+        return res
+
+    def __repr__(self) -> str:
+        return f"Predictor(models={self.models}, device={self.device!r}, precision={self.precision!r}, backends={self.backends})"
