@@ -26,6 +26,7 @@ from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_all
 from legitseg.records import ImageRecord
+from legitseg.shard import Shard
 from legitseg.weights import verify_sha256
 from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 BACKENDS = ("auto", "torch", "onnxruntime")
+ENGINES = ("local", "ray")
 RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 MAX_LISTED = 1000  # skipped files named in the run file; more are counted
 
@@ -62,12 +64,19 @@ class RunConfig:
     require_images: bool = False  # an INPUT folder without images is an error (exit 6)
     null: bool = False  # paths on stdin are NUL-separated (find -print0)
     stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
+    shard: Shard | None = None  # --shard i/N: only this part of the images (legitseg.shard)
+    engine: str = "local"  # local | ray (legitseg.ray_engine)
+    address: str | None = None  # --address of a Ray cluster (engine ray)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: choose {_choices(PRECISIONS)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r}: choose {_choices(BACKENDS)}")
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r}: choose {_choices(ENGINES)}")
+        if self.address is not None and self.engine != "ray":
+            raise UsageError("--address is the address of a Ray cluster: it needs --engine ray")
         if self.precision in ("fp16", "tf32") and self.device == "cpu":
             raise UsageError(f"--precision {self.precision} needs a CUDA device; on the CPU use fp32 or bf16")
         for name, value in (("--batch-size", self.batch_size), ("--workers", self.workers),
@@ -82,7 +91,9 @@ class RunConfig:
                 "precision": self.precision, "backend": self.backend,
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
                 "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
-                "require_images": self.require_images, "null": self.null}
+                "require_images": self.require_images, "null": self.null,
+                "shard": str(self.shard) if self.shard else None, "engine": self.engine,
+                "address": self.address}
 
 
 @dataclass
@@ -195,7 +206,15 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
         verify_sha256(spec.weights, spec.sha256, spec.name)
     found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
     _report_discovery(found, cfg.require_images)
-    lock = OutputLock(cfg.out)
+    if cfg.shard is not None:
+        total = len(found.sources)
+        found.sources = cfg.shard.select(found.sources)
+        log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
+    if cfg.engine == "ray":
+        from legitseg.ray_engine import require_ray
+
+        require_ray()
+    lock = OutputLock(cfg.out, cfg.shard)
     try:
         if cfg.out.exists():
             lock.acquire()
@@ -255,7 +274,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     if not lock.held:
         lock.acquire()
     (cfg.out / OUT_MARKER).touch()
-    removed = remove_stale_tmp(cfg.out)
+    # Temporary files of a killed run; shards leave them (another shard may be writing its own).
+    removed = remove_stale_tmp(cfg.out) if lock.exclusive else 0
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
 
@@ -282,7 +302,6 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
-    from legitseg.pipeline.engine import Engine
     from legitseg.pipeline.infer import math_mode
     from legitseg.records import settings_digest
     from legitseg.writers import ModelInfo, Sink
@@ -290,9 +309,16 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
                        r.backend, r.parity) for r in runners]
     writers = settings.writers or 2
-    engine = Engine(runners, batch_size=settings.batch_size or 1, workers=settings.workers,
-                    post_threads=writers, save_probabilities=cfg.save_probabilities,
-                    max_pixels=cfg.max_pixels, stop=stop)
+    options = dict(batch_size=settings.batch_size or 1, workers=settings.workers, post_threads=writers,
+                   save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels, stop=stop)
+    if cfg.engine == "ray":
+        from legitseg.ray_engine import RayEngine
+
+        engine = RayEngine(runners, address=cfg.address, precision=cfg.precision, **options)
+    else:
+        from legitseg.pipeline.engine import Engine
+
+        engine = Engine(runners, **options)
     sink = Sink(cfg.out, infos, run_id, writers)
     from legitseg.provenance import math_mode as effective_math
 
@@ -318,6 +344,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
         data = {
             "run_id": run_id,
             "status": status,
+            "shard": str(cfg.shard) if cfg.shard else None,
+            "engine": cfg.engine,
             "versions": versions(),
             "device": settings.device,
             "batch_size": settings.batch_size,
