@@ -67,7 +67,7 @@ def _rows(out: Path) -> list[dict]:
 
 def _args(manifest: Path, images: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "legitseg", "run", str(images), "-m", str(manifest), "-o", str(out),
-            "--workers", "1", "--batch-size", "2", "-q", *extra]
+            "--workers", "1", "--batch-size", "2", "--backend", "torch", "-q", *extra]
 
 
 # -- the split --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from legitseg import __version__
-from legitseg.cli import evaluate, misc, run
+from legitseg.cli import evaluate, misc, run, summary
 from legitseg.cli.models import models_app
 from legitseg.errors import EXIT_SIGPIPE
 
@@ -39,6 +39,7 @@ def _root(
 run.register(app)
 misc.register(app)
 evaluate.register(app)
+summary.register(app)
 
 
 def main() -> None:
