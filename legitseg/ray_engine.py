@@ -70,8 +70,12 @@ class _ModelActor:
     """A Ray actor: the models on one device, running the local engine's batch code."""
 
     def __init__(self, specs: list, backends: list[str], device: str, precision: str,
-                 batch_size: int, save_probabilities: bool, max_pixels: int):
+                 batch_size: int, save_probabilities: bool, max_pixels: int, threads: int):
         import torch
+
+        # CPU results depend on torch's intra-op thread count (float reductions split
+        # differently); the actor uses the driver's, as the local engine would.
+        torch.set_num_threads(threads)
 
         from legitseg.factory import load_model
         from legitseg.pipeline.engine import Engine
@@ -154,24 +158,31 @@ class RayEngine:
         resources = ray.cluster_resources()
         items = [{"i": i, "source": pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)}
                  for i, s in enumerate(sources)]
-        ds = ray.data.from_items(items)
-        ds = ds.map(_decode, fn_kwargs={"preps": self.preps, "max_pixels": self.max_pixels}, num_cpus=1)
-        specs = [r.loaded.spec for r in self.runners]
-        backends = [r.backend for r in self.runners]
+        import torch
+
+        threads = torch.get_num_threads()
         if self.device_type == "cuda":
+            # Decoding runs as 1-CPU tasks beside one actor per GPU.
+            decode_cpus: float = 1
             actors, per_actor = max(1, int(resources.get("GPU", 0))), {"num_gpus": 1}
         else:
-            # One CPU per actor; the rest of the cluster decodes.
-            actors, per_actor = max(1, int(resources.get("CPU", 1)) - 1), {"num_cpus": 1}
-        # On GPU nodes decoding runs as CPU tasks beside the GPU actors; on a CPU-only cluster the
-        # resources match and Ray fuses decode into the actors (no decoded pixels cross the store).
+            # Each actor takes as many CPUs as the local engine's torch threads; decode asks for
+            # the same, so Ray fuses it into the actors (no decoded pixels cross the object store).
+            threads = max(1, min(threads, int(resources.get("CPU", 1))))
+            decode_cpus = threads
+            actors, per_actor = max(1, int(resources.get("CPU", 1)) // threads), {"num_cpus": threads}
+        ds = ray.data.from_items(items)
+        ds = ds.map(_decode, fn_kwargs={"preps": self.preps, "max_pixels": self.max_pixels},
+                    num_cpus=decode_cpus)
+        specs = [r.loaded.spec for r in self.runners]
+        backends = [r.backend for r in self.runners]
         return ds.map_batches(
             _ModelActor, batch_size=self.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
             fn_constructor_kwargs=dict(specs=specs, backends=backends, device=self.device_type,
                                        precision=self.precision, batch_size=self.batch_size,
                                        save_probabilities=self.save_probabilities,
-                                       max_pixels=self.max_pixels),
+                                       max_pixels=self.max_pixels, threads=threads),
             **per_actor)
 
     def process(self, sources: list[Source]) -> Iterator[ImageResult]:
