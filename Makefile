@@ -19,11 +19,17 @@ $(STAMP): requirements_lock.txt pyproject.toml
 
 install: $(STAMP)
 
+# The optional Ray extra (--engine ray), so that CI runs its test too.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): requirements_ray.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements_ray.txt
+	touch $(RAY_STAMP)
+
 # Which Python a fresh `make install` would use.
 python:
 	@$(SHELL) tools/find_python.sh >/dev/null
 
-test: install
+test: install $(RAY_STAMP)
 	@$(SHELL) tools/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
 
@@ -33,7 +39,7 @@ lint: install
 demo: install
 	rm -rf out/demo
 	$(BIN)/legitseg run examples/images -m models.yaml -o out/demo
-	$(BIN)/python tools/demo_summary.py out/demo
+	$(BIN)/legitseg summary out/demo
 	$(BIN)/legitseg evaluate out/demo examples/ground_truth --quiet
 	$(BIN)/legitseg report out/demo -o out/demo/report.html
 	@echo "demo report: out/demo/report.html (evaluation: out/demo/evaluation/)"

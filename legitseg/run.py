@@ -16,13 +16,23 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from legitseg.errors import ImageError, LegitsegError, NoImages, UsageError
+from legitseg.errors import ImageError, LegitsegError, NoImages
 from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
 from legitseg.lock import OutputLock
-from legitseg.manifest import Manifest, ModelSpec
-from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS, read_bytes
+from legitseg.manifest import ModelSpec
+from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are used through legitseg.run too
+    BACKENDS,
+    ENGINES,
+    PRECISIONS,
+    RunConfig,
+    check_options,
+    default_batch_size,
+    default_workers,
+    default_writers,
+)
+from legitseg.pipeline.decode import read_bytes
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_all
 from legitseg.records import ImageRecord
@@ -31,64 +41,8 @@ from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-BACKENDS = ("auto", "torch", "onnxruntime")
 RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 MAX_LISTED = 1000  # skipped files named in the run file; more are counted
-
-
-def _choices(values: tuple[str, ...]) -> str:
-    return f"{', '.join(values[:-1])} or {values[-1]}"
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs, validated once (UsageError, exit 2) when it is built."""
-
-    inputs: list[str]
-    out: Path
-    manifest: Manifest
-    models: list[ModelSpec]
-    device: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    writers: int | None = None  # default: default_writers(device type)
-    precision: str = "fp32"
-    backend: str | None = None  # auto | torch | onnxruntime; None: each model's manifest `backend`
-    save_probabilities: bool = False
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    retry_failed: bool = False  # redo images whose failure would repeat (bad file, same model)
-    require_images: bool = False  # an INPUT folder without images is an error (exit 6)
-    null: bool = False  # paths on stdin are NUL-separated (find -print0)
-    stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
-    runners: list | None = None  # already built for `models` (a Predictor's); None: built when there is work
-
-    def __post_init__(self) -> None:
-        check_options(self.device, self.precision, self.backend, self.batch_size, self.workers, self.max_pixels)
-
-    def arguments(self) -> dict[str, Any]:
-        """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
-        return {"inputs": list(self.inputs), "out": str(self.out), "models": [s.name for s in self.models],
-                "device": self.device, "batch_size": self.batch_size, "workers": self.workers,
-                "precision": self.precision, "backend": self.backend,
-                "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
-                "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
-                "require_images": self.require_images, "null": self.null}
-
-
-def check_options(device: str, precision: str, backend: str | None, batch_size: int | None,
-                  workers: int | None, max_pixels: int | None) -> None:
-    """The checks every run and every Predictor makes on its options. Raises UsageError (exit 2)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose {_choices(PRECISIONS)}")
-    if backend is not None and backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r}: choose {_choices(BACKENDS)}")
-    if precision in ("fp16", "tf32") and device == "cpu":
-        raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 or bf16")
-    for name, value in (("--batch-size", batch_size), ("--workers", workers), ("--max-pixels", max_pixels)):
-        if value is not None and value < (0 if name == "--workers" else 1):
-            raise UsageError(f"{name} {value}: out of range")
 
 
 @dataclass
@@ -131,30 +85,6 @@ class _Settings:
     workers: int = 1
     writers: int | None = None
     math: dict[str, Any] = field(default_factory=dict)
-
-
-def default_writers(device_type: str) -> int:
-    """Postprocessing and writer threads (resize to the original size, PNG encoding, atomic writes).
-
-    Two on the CPU, where the forward pass needs the cores. On a GPU the writers are
-    the bottleneck: measured on an H200 with 16 cores (docs/benchmarks.md), going from
-    2 to 8 writers raised DeepLabV3Plus+efficientnet-b2 @512 fp16 from 160 to 190 img/s.
-    """
-    if device_type == "cuda":
-        return max(2, min(8, (os.cpu_count() or 1) // 2))
-    return 2
-
-
-def default_batch_size(device_type: str) -> int:
-    return 16 if device_type == "cuda" else 4
-
-
-def default_workers(device_type: str) -> int:
-    cores = os.cpu_count() or 1
-    if device_type == "cuda":
-        return max(2, min(12, cores - 2))
-    # On the CPU the forward pass wants the cores; one or two decode threads keep it fed.
-    return max(1, min(4, cores // 2))
 
 
 def new_run_id(started_at: float) -> str:
@@ -205,7 +135,15 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
         verify_sha256(spec.weights, spec.sha256, spec.name)
     found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
     _report_discovery(found, cfg.require_images)
-    lock = OutputLock(cfg.out)
+    if cfg.shard is not None:
+        total = len(found.sources)
+        found.sources = cfg.shard.select(found.sources)
+        log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
+    if cfg.engine == "ray":
+        from legitseg.ray_engine import require_ray
+
+        require_ray()
+    lock = OutputLock(cfg.out, cfg.shard)
     try:
         if cfg.out.exists():
             lock.acquire()
@@ -269,7 +207,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     if not lock.held:
         lock.acquire()
     (cfg.out / OUT_MARKER).touch()
-    removed = remove_stale_tmp(cfg.out)
+    # Temporary files of a killed run; shards leave them (another shard may be writing its own).
+    removed = remove_stale_tmp(cfg.out) if lock.exclusive else 0
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
 
@@ -296,7 +235,6 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
-    from legitseg.pipeline.engine import Engine
     from legitseg.pipeline.infer import math_mode
     from legitseg.records import settings_digest
     from legitseg.writers import ModelInfo, Sink
@@ -304,9 +242,16 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
                        r.backend, r.parity) for r in runners]
     writers = settings.writers or 2
-    engine = Engine(runners, batch_size=settings.batch_size or 1, workers=settings.workers,
-                    post_threads=writers, save_probabilities=cfg.save_probabilities,
-                    max_pixels=cfg.max_pixels, stop=stop)
+    options = dict(batch_size=settings.batch_size or 1, workers=settings.workers, post_threads=writers,
+                   save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels, stop=stop)
+    if cfg.engine == "ray":
+        from legitseg.ray_engine import RayEngine
+
+        engine = RayEngine(runners, address=cfg.address, precision=cfg.precision, **options)
+    else:
+        from legitseg.pipeline.engine import Engine
+
+        engine = Engine(runners, **options)
     sink = Sink(cfg.out, infos, run_id, writers)
     from legitseg.provenance import math_mode as effective_math
 
@@ -332,6 +277,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
         data = {
             "run_id": run_id,
             "status": status,
+            "shard": str(cfg.shard) if cfg.shard else None,
+            "engine": cfg.engine,
             "versions": versions(),
             "device": settings.device,
             "batch_size": settings.batch_size,

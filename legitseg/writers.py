@@ -30,6 +30,7 @@ import numpy as np
 from legitseg import __version__
 from legitseg.errors import RuntimeFailure
 from legitseg.fsio import atomic_write, dumps
+from legitseg.lock import summary_lock
 from legitseg.records import (
     CSV_FIELDS,
     FORMAT_VERSION,
@@ -122,7 +123,13 @@ def scan_records(out: Path) -> RecordScan:
 def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
     """Rewrite scores.jsonl and scores.csv from all records (never duplicated).
 
-    Rows written by `current_run` say `computed: true`."""
+    Rows written by `current_run` say `computed: true`. Rebuilds by processes sharing OUT
+    (shards) take turns (`lock.summary_lock`), so the last one reads every record."""
+    with summary_lock(out):
+        return _rebuild_summaries(out, current_run)
+
+
+def _rebuild_summaries(out: Path, current_run: str | None) -> RecordScan:
     jsonl = io.StringIO()
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")

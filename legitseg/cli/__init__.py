@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from legitseg import __version__
-from legitseg.cli import evaluate, misc, run, verify
+from legitseg.cli import evaluate, misc, run, summary, verify
 from legitseg.cli.models import models_app
 
 # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised.
@@ -47,6 +47,7 @@ run.register(app)
 misc.register(app)
 evaluate.register(app)
 verify.register(app)
+summary.register(app)
 
 
 def main() -> None:

@@ -123,13 +123,20 @@ def run(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON row per (image, model) on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
+    shard: Annotated[str | None, typer.Option(
+        help="i/N: process only part i (0-based) of N, split by a hash of each output name; "
+             "N processes may share one OUT (docs/scale.md)")] = None,
+    engine: Annotated[str, typer.Option(help="local | ray (a Ray Data pipeline; needs legitseg[ray])")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address for --engine ray [default: RAY_ADDRESS, else a local cluster]")] = None,
 ) -> None:
     """Run the manifest's models over images; write masks, scores and records under OUT."""
     setup_logging(quiet, verbose)
     try:
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                     save_probabilities, overwrite, max_pixels, jsonl, quiet,
-                    retry_failed=retry_failed, require_images=require_images, null=null)
+                    retry_failed=retry_failed, require_images=require_images, null=null,
+                    shard=shard, engine=engine, address=address)
     except LegitsegError as err:
         raise fail(err) from None
     except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
@@ -139,7 +146,8 @@ def run(
 
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
-         save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null) -> int:
+         save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
+         shard=None, engine="local", address=None) -> int:
     """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
     from legitseg.api import run as run_api
     from legitseg.run import Planned, Skipped, Started
@@ -174,7 +182,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                 batch_size=batch_size, workers=workers, precision=precision, backend=backend,
                 save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                 retry_failed=retry_failed, require_images=require_images, null=null,
-                stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show)
+                stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show,
+                shard=shard, engine=engine, address=address)
         finally:
             if progress is not None:
                 progress.close()

@@ -1,0 +1,165 @@
+"""`legitseg summary OUT`: rebuild scores.jsonl/csv from the records and describe what OUT holds.
+
+Reads only what runs wrote (records, run files), never images or models. Holds OUT's
+lock like a run (exit 5 while a run, or any shard of one, is writing), so the rebuilt
+summaries are those of a quiet folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from legitseg.errors import UsageError
+from legitseg.lock import OutputLock
+from legitseg.pipeline.sources import OUT_MARKER
+from legitseg.records import ImageRecord
+from legitseg.run import RUNS
+from legitseg.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries
+
+log = logging.getLogger(__name__)
+RECENT_RUNS = 5  # runs listed in the text form; --json lists them all
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
+
+
+@dataclass
+class ModelSummary:
+    task: str
+    ok: int = 0
+    failed: int = 0
+    failed_by_kind: dict[str, int] = field(default_factory=dict)
+    areas: dict[str, list[float]] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)
+    grades: dict[int, int] = field(default_factory=dict)
+
+    def add(self, entry) -> None:
+        if not entry.ok:
+            self.failed += 1
+            kind = entry.error_kind or "unknown"
+            self.failed_by_kind[kind] = self.failed_by_kind.get(kind, 0) + 1
+            return
+        self.ok += 1
+        for label, value in (entry.area_fraction or {}).items():
+            if isinstance(value, int | float):
+                self.areas.setdefault(label, []).append(float(value))
+        if isinstance(entry.score, int | float):
+            self.scores.append(float(entry.score))
+        if isinstance(entry.grade, int):
+            self.grades[entry.grade] = self.grades.get(entry.grade, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task, "ok": self.ok, "failed": self.failed,
+                               "failed_by_kind": dict(sorted(self.failed_by_kind.items()))}
+        if self.areas:
+            out["area_fraction"] = {label: _stats(v) for label, v in self.areas.items()}
+        if self.scores:
+            out["score"] = _stats(self.scores)
+        if self.grades:
+            out["grades"] = {str(g): n for g, n in sorted(self.grades.items())}
+        return out
+
+
+def summarise_records(records: list[ImageRecord]) -> dict[str, ModelSummary]:
+    models: dict[str, ModelSummary] = {}
+    for record in records:
+        for name, entry in record.models.items():
+            models.setdefault(name, ModelSummary(entry.task)).add(entry)
+    return dict(sorted(models.items()))
+
+
+def read_runs(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The run files under OUT/runs/ (oldest first, by start time), and those that cannot be read."""
+    runs, unreadable = [], []
+    folder = out / RUNS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            log.warning("skipping run file %s: %s", path, err)
+            unreadable.append(str(path.relative_to(out)))
+            continue
+        runs.append({"run_id": data.get("run_id", path.stem), "status": data.get("status"),
+                     "shard": data.get("shard"), "engine": data.get("engine", "local"),
+                     "started": data.get("started"), "ended": data.get("ended"),
+                     "device": data.get("device"), "counts": data.get("counts", {})})
+    runs.sort(key=lambda r: (str(r["started"] or ""), str(r["run_id"])))
+    return runs, unreadable
+
+
+def summary(out: Path) -> dict[str, Any]:
+    """Rebuild OUT's scores.jsonl/csv from its records and return what OUT holds.
+
+    Raises UsageError (exit 2) when OUT is not a legitseg output folder, OutputLocked
+    (exit 5) while a run holds it, RuntimeFailure (exit 4) when it cannot be written.
+    """
+    if not (out / OUT_MARKER).exists() and not (out / RECORDS).is_dir():
+        raise UsageError(f"{out} is not a legitseg output folder (no {RECORDS}/ and no {OUT_MARKER}); "
+                         "give the -o folder of a `legitseg run`")
+    with OutputLock(out):
+        scan = rebuild_summaries(out)
+    runs, bad_runs = read_runs(out)
+    records = scan.records
+    files = {"scores.jsonl": str(out / "scores.jsonl"), "scores.csv": str(out / "scores.csv")}
+    if (out / "run.json").is_file():
+        files["run.json"] = str(out / "run.json")
+    for what in (MASKS, PROBABILITIES):
+        if (out / what).is_dir():
+            files[what] = str(out / what)
+    return {
+        "out": str(out),
+        "images": len(records),
+        "images_ok": sum(r.ok for r in records),
+        "images_failed": sum(not r.ok for r in records),
+        "models": {name: m.to_json() for name, m in summarise_records(records).items()},
+        "unreadable_records": scan.unreadable,
+        "runs": runs,
+        "unreadable_runs": bad_runs,
+        "files": files,
+    }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """The text form of `summary()`: plain lines, never wrapped, fit for cron mail and pipes."""
+    lines = [f"legitseg summary of {data['out']}",
+             f"images: {data['images']} ({data['images_ok']} ok, {data['images_failed']} failed)"
+             f", unreadable records: {len(data['unreadable_records'])}"]
+    lines += [f"  unreadable: {p}" for p in data["unreadable_records"][:20]]
+    for key, path in data["files"].items():
+        lines.append(f"{key}: {path}")
+    for name, m in data["models"].items():
+        kinds = ", ".join(f"{k} {n}" for k, n in m["failed_by_kind"].items())
+        lines.append(f"model {name} ({m['task']}): {m['ok']} ok, {m['failed']} failed"
+                     + (f" ({kinds})" if kinds else ""))
+        for label, s in m.get("area_fraction", {}).items():
+            lines.append(f"  area_fraction {label}: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
+                         f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
+        if "score" in m:
+            s = m["score"]
+            lines.append(f"  score: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
+                         f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
+        if "grades" in m:
+            lines.append("  grades: " + ", ".join(f"{g}: {n}" for g, n in m["grades"].items()))
+    runs = data["runs"]
+    lines.append(f"runs: {len(runs)} under {Path(data['out']) / RUNS}"
+                 + (f", unreadable: {len(data['unreadable_runs'])}" if data["unreadable_runs"] else ""))
+    for run in runs[-RECENT_RUNS:]:
+        c = run["counts"] or {}
+        where = f" shard {run['shard']}" if run.get("shard") else ""
+        lines.append(f"  {run['run_id']} {run['status']}{where} ({run['engine']}): "
+                     f"{c.get('processed', 0)} processed, {c.get('skipped', 0)} skipped, "
+                     f"{c.get('failed', 0)} failed")
+    return lines
