@@ -59,7 +59,7 @@ class ModelSummary:
         out: dict[str, Any] = {"task": self.task, "ok": self.ok, "failed": self.failed,
                                "failed_by_kind": dict(sorted(self.failed_by_kind.items()))}
         if self.areas:
-            out["area_fraction"] = {label: _stats(v) for label, v in self.areas.items()}
+            out["area_fraction_stats"] = {label: _stats(v) for label, v in self.areas.items()}
         if self.scores:
             out["score"] = _stats(self.scores)
         if self.grades:
@@ -144,7 +144,7 @@ def render(data: dict[str, Any]) -> list[str]:
         kinds = ", ".join(f"{k} {n}" for k, n in m["failed_by_kind"].items())
         lines.append(f"model {name} ({m['task']}): {m['ok']} ok, {m['failed']} failed"
                      + (f" ({kinds})" if kinds else ""))
-        for label, s in m.get("area_fraction", {}).items():
+        for label, s in m.get("area_fraction_stats", {}).items():
             lines.append(f"  area_fraction {label}: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
                          f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
         if "score" in m:

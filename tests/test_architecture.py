@@ -17,7 +17,7 @@ PACKAGE = REPO / "legitseg"
 # (Within a layer, the modules are siblings: the backends, say.)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names"]),
-    ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.manifest_yaml", "legitseg.manifest", "legitseg.provenance",
+    ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.shard", "legitseg.manifest_yaml", "legitseg.manifest", "legitseg.provenance",
               "legitseg.lock"]),
     ("models", ["legitseg.weights", "legitseg.factory", "legitseg.convert", "legitseg.describe",
                 "legitseg.check", "legitseg.onnx_backend"]),
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("output", ["legitseg.writers", "legitseg.overlay"]),
     ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),
     ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_output",
-              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.shard", "legitseg.verify",
+              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify",
               "legitseg.verify_compare", "legitseg.verify_package", "legitseg.inputs"]),
     ("api", ["legitseg.api"]),
     ("cli", ["legitseg.cli", "legitseg.cli.*", "legitseg.__main__"]),

@@ -54,7 +54,7 @@ def test_summary_rebuilds_scores_and_counts_per_model(done):
     assert data["models"]["seg"]["ok"] == 3 and data["models"]["seg"]["failed"] == 1
     assert data["models"]["seg"]["failed_by_kind"] == {"image": 1}
     areas = [rec["models"]["seg"]["area_fraction"]["seg"] for rec in records if rec["status"] == "ok"]
-    assert data["models"]["seg"]["area_fraction"]["seg"]["mean"] == pytest.approx(sum(areas) / 3)
+    assert data["models"]["seg"]["area_fraction_stats"]["seg"]["mean"] == pytest.approx(sum(areas) / 3)
     grades = [rec["models"]["sev"]["grade"] for rec in records if rec["status"] == "ok"]
     assert data["models"]["sev"]["grades"] == {str(g): grades.count(g) for g in sorted(set(grades))}
     assert data["models"]["sev"]["score"]["n"] == 3
