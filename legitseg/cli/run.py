@@ -109,6 +109,7 @@ def run(
         help="auto | torch | onnxruntime; auto = onnxruntime on the CPU, torch on CUDA "
              "[default: each model's manifest `backend`, itself auto by default]")] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write float16 probability maps (.npz)")] = False,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write each result drawn on the photograph: OUT/overlays/<model>/<name>.jpg")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo images that failed before and would fail the same way (unchanged file, same model)")] = False,
     require_images: Annotated[bool, typer.Option("--require-images", help="Exit 6 when an INPUT folder holds no images (an unmounted share)")] = False,
@@ -123,7 +124,7 @@ def run(
     try:
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                     save_probabilities, overwrite, max_pixels, jsonl, quiet,
-                    retry_failed=retry_failed, require_images=require_images, null=null)
+                    retry_failed=retry_failed, require_images=require_images, null=null, overlay=overlay)
     except LegitsegError as err:
         raise fail(err) from None
     except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
@@ -133,7 +134,8 @@ def run(
 
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
-         save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null) -> int:
+         save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
+         overlay=False) -> int:
     from legitseg.run import Finished, Planned, RunConfig, Skipped, Started, execute
     from legitseg.writers import ImageOutcome
 
@@ -143,7 +145,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
         inputs=inputs, out=out, manifest=m, models=specs, device=device, batch_size=batch_size,
         workers=workers, precision=precision, backend=backend, save_probabilities=save_probabilities,
         overwrite=overwrite, max_pixels=max_pixels, retry_failed=retry_failed, require_images=require_images,
-        null=null, stdin=_binary_stdin() if "-" in inputs else None,
+        null=null, stdin=_binary_stdin() if "-" in inputs else None, overlay=overlay,
     )
     stdout = sys.stdout
     progress: _Progress | None = None
