@@ -290,7 +290,10 @@ class Bench:
         mode, cpu = self.mode, torch.device("cpu")
         self.row("single model", [mode.primary], mode.small, mode.n, cpu, "fp32", rss_double=True,
                  targets=CPU_TARGETS)
+        # What `run --overlay` costs: the same rows again, drawing and encoding one JPEG per image.
+        self.row("single model --overlay", [mode.primary], mode.small, mode.n, cpu, "fp32", extra=["--overlay"])
         self.row("large images", [mode.primary], mode.large, mode.n_large, cpu, "fp32")
+        self.row("large images --overlay", [mode.primary], mode.large, mode.n_large, cpu, "fp32", extra=["--overlay"])
         self.row("two models", [mode.primary, mode.expert], mode.small, mode.n, cpu, "fp32")
         if self.onnx:
             self.row("single model onnxruntime", [mode.primary], mode.small, mode.n, cpu, "fp32",

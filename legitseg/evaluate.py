@@ -11,7 +11,8 @@ Conventions (docs/evaluate.md is the user's statement of them):
     (never resized);
   * binary label maps may hold 0/1 or 0/255;
   * ground truth without a usable prediction is a `missing` entry, listed, not dropped.
-Reads records tolerantly (unknown fields are ignored). No printing; no torch.
+Reads records as `records.ImageRecord`s (unknown fields are kept aside, never needed).
+No printing; no torch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from legitseg.errors import ImageError, UsageError
-from legitseg.writers import iter_records
+from legitseg.records import ImageRecord, ModelEntry
+from legitseg.writers import scan_records
 
 log = logging.getLogger(__name__)
 
@@ -198,25 +200,30 @@ class ModelEvaluation:
                 "confusion": cm.tolist()}
 
 
-def _entry_ok(record: dict, model: str) -> tuple[dict | None, str | None]:
-    entry = (record.get("models") or {}).get(model)
-    if not isinstance(entry, dict):
+def _entry_ok(record: ImageRecord, model: str) -> tuple[ModelEntry | None, str | None]:
+    entry = record.models.get(model)
+    if entry is None:
         return None, "the model did not run on this image"
-    if entry.get("status") != "ok":
-        return None, f"prediction failed: {entry.get('error') or record.get('error') or 'no reason recorded'}"
+    if not entry.ok:
+        return None, f"prediction failed: {entry.error or record.error or 'no reason recorded'}"
     return entry, None
 
 
-def _evaluate_segmentation(out: Path, records: list[dict], model: str, folder: Path) -> ModelEvaluation:
+def _ran_ok(record: ImageRecord, model: str) -> bool:
+    entry = record.models.get(model)
+    return entry is not None and entry.ok
+
+
+def _evaluate_segmentation(out: Path, records: list[ImageRecord], model: str, folder: Path) -> ModelEvaluation:
     ev = ModelEvaluation(model, "segmentation")
     truth = _truth_files(folder)
     used: set[str] = set()
-    stems = Counter(_strip_suffix(r["name"]) for r in records)
+    stems = Counter(_strip_suffix(r.name) for r in records)
     for record in records:
-        name = record["name"]
+        name = record.name
         key = name if name in truth else _strip_suffix(name) if _strip_suffix(name) in truth else None
         if key is None:
-            if (record.get("models") or {}).get(model, {}).get("status") == "ok":
+            if _ran_ok(record, model):
                 ev.no_truth.append(name)
             continue
         used.add(key)
@@ -228,7 +235,7 @@ def _evaluate_segmentation(out: Path, records: list[dict], model: str, folder: P
         if entry is None:
             ev.missing.append((name, why))
             continue
-        labels = list((entry.get("area_fraction") or {}).keys())
+        labels = list((entry.area_fraction or {}).keys())
         if not labels:
             ev.errors.append((name, "the record has no area_fraction, so its labels are unknown"))
             continue
@@ -237,7 +244,10 @@ def _evaluate_segmentation(out: Path, records: list[dict], model: str, folder: P
         elif labels != ev.labels:
             ev.errors.append((name, f"labels {labels} differ from {ev.labels} of earlier images"))
             continue
-        mask_file = out / str(entry.get("mask") or f"masks/{model}/{name}.png")
+        if not entry.mask:
+            ev.missing.append((name, "the record names no mask"))
+            continue
+        mask_file = out / entry.mask
         try:
             with Image.open(mask_file) as im:
                 pred = np.asarray(im)
@@ -249,8 +259,8 @@ def _evaluate_segmentation(out: Path, records: list[dict], model: str, folder: P
         except ImageError as err:
             ev.errors.append((name, str(err)))
             continue
-        if entry.get("weights_sha256"):
-            ev.weights_sha256.add(entry["weights_sha256"])
+        if entry.weights_sha256:
+            ev.weights_sha256.add(entry.weights_sha256)
         for label, (tp, fp, fn) in zip(labels, class_counts(pred, gt, len(labels) + 1), strict=True):
             ev.scores.append(ClassScore(name, model, label, tp, fp, fn))
     for key in sorted(set(truth) - used):
@@ -278,25 +288,25 @@ def read_grades(path: Path) -> dict[str, int]:
     return grades
 
 
-def _evaluate_severity(records: list[dict], model: str, grades: dict[str, int]) -> ModelEvaluation:
+def _evaluate_severity(records: list[ImageRecord], model: str, grades: dict[str, int]) -> ModelEvaluation:
     ev = ModelEvaluation(model, "severity")
     used: set[str] = set()
     for record in records:
-        name = record["name"]
-        key = name if name in grades else record.get("image") if record.get("image") in grades else None
+        name = record.name
+        key = name if name in grades else record.image if record.image in grades else None
         if key is None:
-            if (record.get("models") or {}).get(model, {}).get("status") == "ok":
+            if _ran_ok(record, model):
                 ev.no_truth.append(name)
             continue
         used.add(key)
         entry, why = _entry_ok(record, model)
-        if entry is None or not isinstance(entry.get("grade"), int):
+        if entry is None or not isinstance(entry.grade, int):
             ev.missing.append((name, why or "the record has no grade"))
             continue
-        ev.grade_classes = max(ev.grade_classes, len(entry.get("probabilities") or []))
-        ev.grades.append((name, grades[key], entry["grade"], entry.get("score")))
-        if entry.get("weights_sha256"):
-            ev.weights_sha256.add(entry["weights_sha256"])
+        ev.grade_classes = max(ev.grade_classes, len(entry.probabilities or []))
+        ev.grades.append((name, grades[key], entry.grade, entry.score))
+        if entry.weights_sha256:
+            ev.weights_sha256.add(entry.weights_sha256)
     for key in sorted(set(grades) - used):
         ev.missing.append((key, "no image in OUT for this row of the severity CSV"))
     return ev
@@ -327,12 +337,12 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
         raise UsageError(f"ground truth folder {truth} does not exist or is not a folder")
     if severity_csv is not None and not severity_csv.is_file():
         raise UsageError(f"severity ground truth {severity_csv} does not exist")
-    records = [r for r in iter_records(out) if isinstance(r.get("name"), str)]
+    records = scan_records(out).records
     tasks: dict[str, str] = {}
     for record in records:
-        for model, entry in (record.get("models") or {}).items():
-            if isinstance(entry, dict) and entry.get("task") in ("segmentation", "severity"):
-                tasks.setdefault(model, entry["task"])
+        for model, entry in record.models.items():
+            if entry.task in ("segmentation", "severity"):
+                tasks.setdefault(model, entry.task)
     if models:
         unknown = [m for m in models if m not in tasks]
         if unknown:

@@ -43,7 +43,8 @@ FORBIDDEN_ARCH_PARAMS = {
                   "set ignore_keys: ['classification_head.*']",
 }
 SEVERITY_ONLY = ("temperature", "class_values", "pooling")
-SEGMENTATION_ONLY = ("arch", "arch_params", "threshold")
+SEGMENTATION_ONLY = ("arch", "arch_params", "threshold", "colors")
+HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 
@@ -91,6 +92,8 @@ class ModelSpec(BaseModel):
     # Glob patterns of keys in the weights file that the model does not have and that
     # are dropped before the strict load (e.g. the aux_params head: classification_head.*).
     ignore_keys: tuple[str, ...] = ()
+    # Overlay colour per label name (`run --overlay`): "#rrggbb" or [r, g, b]; others from the default palette.
+    colors: dict[str, tuple[int, int, int]] | None = None
 
     @field_validator("name")
     @classmethod
@@ -153,6 +156,25 @@ class ModelSpec(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"a pattern is listed twice in {short(list(v))}")
         return v
+    @field_validator("colors", mode="before")
+    @classmethod
+    def _colors(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a mapping of label name to \"#rrggbb\" or [r, g, b], got {short(v)}")
+        out = {}
+        for label, value in v.items():
+            if isinstance(value, str) and HEX_COLOUR.match(value):
+                out[label] = tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))
+            elif (isinstance(value, list | tuple) and len(value) == 3
+                  and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
+                out[label] = tuple(value)
+            else:
+                raise ValueError(f"colour of label {short(label)} is {short(value)}; "
+                                 "write \"#rrggbb\" or [r, g, b] with whole numbers 0..255")
+        return out
+
     @model_validator(mode="after")
     def _cross(self) -> ModelSpec:
         given = self.model_fields_set
@@ -178,6 +200,12 @@ class ModelSpec(BaseModel):
             want = self.classes
         if self.labels is not None and len(self.labels) != want:
             raise ValueError(f"labels has {len(self.labels)} names but this model has {want} (class 0 is background)")
+        if self.colors:
+            drawn = self.label_names[1:]
+            unknown = [label for label in self.colors if label not in drawn]
+            if unknown:
+                raise ValueError(f"colors: label(s) {', '.join(map(short, unknown))} not among the drawn "
+                                 f"labels {', '.join(drawn)} (background is never drawn)")
         if self.resize == "stretch" and self.input_size is None:
             raise ValueError("'input_size' [height, width] is required when resize is 'stretch'")
         if self.normalize is not None and len(self.normalize.mean) != self.in_channels:

@@ -46,6 +46,7 @@ class RunConfig:
     require_images: bool = False  # an INPUT folder without images is an error (exit 6)
     null: bool = False  # paths on stdin are NUL-separated (find -print0)
     stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
+    overlay: bool = False  # also write OUT/overlays/<model>/<name>.jpg
     runners: list | None = None  # already built for `models` (a Predictor's); None: built when there is work
     shard: Shard | None = None  # --shard i/N: only this part of the images (legitseg.shard)
     engine: str = "local"  # local | ray (legitseg.ray_engine)
@@ -57,6 +58,8 @@ class RunConfig:
             raise UsageError(f"--engine {self.engine!r}: choose {_choices(ENGINES)}")
         if self.address is not None and self.engine != "ray":
             raise UsageError("--address is the address of a Ray cluster: it needs --engine ray")
+        if self.overlay and self.engine == "ray":
+            raise UsageError("--overlay is not available with --engine ray yet; run the overlays with the local engine")
 
     def arguments(self) -> dict[str, Any]:
         """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
@@ -65,7 +68,7 @@ class RunConfig:
                 "precision": self.precision, "backend": self.backend,
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
                 "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
-                "require_images": self.require_images, "null": self.null,
+                "require_images": self.require_images, "null": self.null, "overlay": self.overlay,
                 "shard": str(self.shard) if self.shard else None, "engine": self.engine,
                 "address": self.address}
 

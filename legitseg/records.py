@@ -35,7 +35,7 @@ _ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
 # model; a rerun skips such an image unless asked to retry (`--retry-failed`).
 DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
 # Manifest fields that do not change what a model computes.
-_NOT_SETTINGS = {"name", "weights", "sha256", "backend", "parity_tolerance"}
+_NOT_SETTINGS = {"name", "weights", "sha256", "backend", "parity_tolerance", "colors"}
 
 
 class RecordError(ValueError):
@@ -109,6 +109,7 @@ class ModelEntry:
     score: float | None = None
     grade: int | None = None
     probabilities: list[float] | None = None
+    overlay: str | None = None  # OUT-relative JPEG, written with `run --overlay`
     extra: dict[str, Any] = field(default_factory=dict)  # fields of newer versions, kept as read
 
     @property
@@ -127,7 +128,8 @@ class ModelEntry:
         else:
             out["backend"] = self.backend
             out["parity"] = self.parity
-        for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities"):
+        for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities",
+                    "overlay"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -227,9 +229,10 @@ class ImageRecord:
             rows.append(row)
         return rows
 
-    def done_for(self, specs: list[ModelSpec], sha256: str, retry_failed: bool) -> bool:
+    def done_for(self, specs: list[ModelSpec], sha256: str, retry_failed: bool, overlay: bool = False) -> bool:
         """True when a rerun may skip this image for `specs`: same bytes, same weights and
-        settings, and every model ok or failed in a way that would repeat."""
+        settings, and every model ok or failed in a way that would repeat; with `overlay`,
+        every ok model also has its overlay."""
         if self.sha256 != sha256:
             return False
         legacy = self.format < 2
@@ -238,6 +241,8 @@ class ImageRecord:
             if entry is None or not entry.matches(spec, settings_digest(spec), legacy):
                 return False
             if not entry.ok and (retry_failed or entry.error_kind not in DETERMINISTIC_ERRORS):
+                return False
+            if overlay and entry.ok and entry.overlay is None:
                 return False
         return True
 
@@ -257,3 +262,4 @@ class ImageResult:
     size: tuple[int, int] | None
     outputs: dict[str, ModelOutput]
     error: str | None = None
+    rgb: np.ndarray | None = None  # the oriented photograph, kept only when overlays are asked for

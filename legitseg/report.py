@@ -1,10 +1,11 @@
 """`legitseg report`: one self-contained HTML file describing an output folder (OUT).
 
 Run provenance (run.json), a summary per model (ok/failed counts, area-fraction
-distribution, grade histogram), a contact sheet of thumbnails (the photograph with each
-segmentation mask tinted over it, embedded as small base64 JPEGs), the failed images with
-their errors, and relative links to the full-size masks. The page loads nothing: a
-Content-Security-Policy forbids every request except `data:` images.
+distribution, grade histogram), a contact sheet of thumbnails (the overlay `run --overlay`
+wrote, or else the photograph with each segmentation mask tinted over it, embedded as small
+base64 JPEGs), the failed images with their errors, and relative links to the full-size
+masks. The page loads nothing: a Content-Security-Policy forbids every request except
+`data:` images. Records are read as `records.ImageRecord`s; run.json (not a record) as JSON.
 
 A photograph is used for a thumbnail only when its bytes still have the sha256 of the
 record (so a tint never lands on another picture); otherwise the mask is drawn on grey
@@ -28,42 +29,17 @@ import numpy as np
 
 from legitseg import __version__
 from legitseg.errors import ImageError, UsageError
+from legitseg.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.pipeline.decode import check_header, decode_rgb, read_bytes, sha256_bytes
-from legitseg.writers import atomic_write, iter_records
+from legitseg.records import ImageRecord, ModelEntry
+from legitseg.writers import atomic_write, scan_records
 
 log = logging.getLogger(__name__)
 
-# Okabe & Ito's colour-blind-safe palette, label 1 first (RGB).
-PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-           (0, 114, 178), (213, 94, 0), (204, 121, 167)]
-ALPHA = 0.45
+__all__ = ["ALPHA", "PALETTE", "colour", "tint", "write_report"]  # the drawing lives in overlay.py
 JPEG_QUALITY = 75
 HISTOGRAM_BINS = 10
 TEMPLATE = "report.html.j2"
-
-
-def colour(label_index: int) -> tuple[int, int, int]:
-    """Colour of class `label_index` (>= 1)."""
-    return PALETTE[(label_index - 1) % len(PALETTE)]
-
-
-def tint(rgb: np.ndarray, mask: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
-    """The photograph with every non-zero class filled semi-transparently and outlined.
-
-    `mask` must have the photograph's height and width. Returns a new uint8 RGB array.
-    """
-    if rgb.shape[:2] != mask.shape[:2]:
-        raise ValueError(f"mask {mask.shape[:2]} and photograph {rgb.shape[:2]} differ in size")
-    out = rgb.astype(np.float32)
-    labels = [int(v) for v in np.unique(mask) if v != 0]
-    for v in labels:
-        region = mask == v
-        out[region] = (1 - alpha) * out[region] + alpha * np.array(colour(v), np.float32)
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    for v in labels:
-        contours, _ = cv2.findContours((mask == v).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, colour(v), 1)
-    return out
 
 
 def _fit(h: int, w: int, size: int) -> tuple[int, int]:
@@ -78,30 +54,52 @@ def _jpeg_uri(rgb: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def find_photograph(record: dict, bases: list[Path]) -> tuple[np.ndarray | None, str | None]:
+def find_photograph(record: ImageRecord, bases: list[Path]) -> tuple[np.ndarray | None, str | None]:
     """Decoded upright RGB of the record's image, or (None, why not)."""
-    image = record.get("image")
-    if not isinstance(image, str):
-        return None, "the record names no photograph"
-    path = Path(image)
+    path = Path(record.image)
     candidates = [path] if path.is_absolute() else [path] + [b / path for b in bases]
     for candidate in candidates:
         if not candidate.is_file():
             continue
         try:
             data = read_bytes(candidate)
-            if record.get("sha256") and sha256_bytes(data) != record["sha256"]:
+            if record.sha256 and sha256_bytes(data) != record.sha256:
                 return None, f"{candidate} changed since the run (sha256 differs)"
             return decode_rgb(data, check_header(data, 1 << 40)), None
         except ImageError as err:
             return None, f"{candidate}: {err}"
-    return None, f"photograph {image} not found"
+    return None, f"photograph {record.image} not found"
 
 
-def thumbnails(record: dict, out: Path, models: list[str], size: int, bases: list[Path]) -> dict[str, Any]:
-    """One tinted JPEG (data URI) per segmentation model of the record, or the photograph alone."""
-    rgb, why = find_photograph(record, bases)
-    shape = tuple(record.get("size") or ()) or (rgb.shape[:2] if rgb is not None else None)
+def _overlay_thumbnail(out: Path, entry: ModelEntry, size: int) -> np.ndarray | None:
+    """The overlay `run --overlay` wrote for this entry, shrunk; None when there is none (or unreadable)."""
+    if not entry.overlay:
+        return None
+    drawn = cv2.imread(str(out / entry.overlay), cv2.IMREAD_COLOR)
+    if drawn is None:
+        log.warning("overlay %s cannot be read; the thumbnail is drawn from the mask", out / entry.overlay)
+        return None
+    h, w = _fit(drawn.shape[0], drawn.shape[1], size)
+    return cv2.cvtColor(cv2.resize(drawn, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def _drawable(record: ImageRecord, model: str) -> ModelEntry | None:
+    entry = record.models.get(model)
+    if entry is None or entry.task != "segmentation" or not entry.ok or not entry.mask:
+        return None
+    return entry
+
+
+def thumbnails(record: ImageRecord, out: Path, styles: dict[str, Style], size: int,
+               bases: list[Path]) -> dict[str, Any]:
+    """One thumbnail (data URI) per segmentation model of the record: its overlay file when
+    `run --overlay` wrote one, else the mask tinted over the photograph (or over grey)."""
+    entries = {m: e for m in styles if (e := _drawable(record, m)) is not None}
+    shrunk = {m: _overlay_thumbnail(out, e, size) for m, e in entries.items()}
+    rgb, why = (None, None)
+    if not entries or any(t is None for t in shrunk.values()):
+        rgb, why = find_photograph(record, bases)
+    shape = tuple(record.size or ()) or (rgb.shape[:2] if rgb is not None else None)
     result: dict[str, Any] = {"note": why, "images": []}
     if shape is None:
         return result
@@ -109,16 +107,18 @@ def thumbnails(record: dict, out: Path, models: list[str], size: int, bases: lis
     base = (cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb is not None
             else np.full((h, w, 3), 128, np.uint8))
     drawn = False
-    for model in models:
-        entry = (record.get("models") or {}).get(model) or {}
-        if entry.get("task") != "segmentation" or entry.get("status") != "ok" or not entry.get("mask"):
+    for model, entry in entries.items():
+        if shrunk[model] is not None:
+            result["images"].append({"model": model, "uri": _jpeg_uri(shrunk[model]), "note": None})
+            drawn = True
             continue
-        mask = cv2.imread(str(out / entry["mask"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(out / entry.mask), cv2.IMREAD_UNCHANGED)
         if mask is None:
-            result["images"].append({"model": model, "uri": None, "note": f"mask {entry['mask']} cannot be read"})
+            result["images"].append({"model": model, "uri": None, "note": f"mask {entry.mask} cannot be read"})
             continue
         small = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-        result["images"].append({"model": model, "uri": _jpeg_uri(tint(base, small)), "note": None})
+        result["images"].append({"model": model, "uri": _jpeg_uri(tint(base, small, colours=styles[model].colours)),
+                                 "note": None})
         drawn = True
     if not drawn and rgb is not None:
         result["images"].append({"model": None, "uri": _jpeg_uri(base), "note": None})
@@ -136,50 +136,62 @@ def _histogram(values: list[float], lo: float, hi: float, bins: int) -> list[dic
             for i, c in enumerate(counts)]
 
 
-def model_summaries(records: list[dict], models: list[str]) -> list[dict[str, Any]]:
+def model_summaries(records: list[ImageRecord], models: list[str], styles: dict[str, Style]) -> list[dict[str, Any]]:
     summaries = []
     for model in models:
-        entries = [(r.get("models") or {}).get(model) for r in records]
-        entries = [e for e in entries if isinstance(e, dict)]
-        status = Counter(e.get("status", "failed") for e in entries)
-        ok = [e for e in entries if e.get("status") == "ok"]
-        task = next((e.get("task") for e in entries if e.get("task")), "?")
-        s: dict[str, Any] = {"name": model, "task": task, "ok": status.get("ok", 0),
-                             "failed": sum(n for k, n in status.items() if k != "ok"),
+        entries = [e for r in records if (e := r.models.get(model)) is not None]
+        ok = [e for e in entries if e.ok]
+        task = next((e.task for e in entries if e.task), "?")
+        s: dict[str, Any] = {"name": model, "task": task, "ok": len(ok), "failed": len(entries) - len(ok),
                              "absent": len(records) - len(entries), "labels": [], "grades": []}
         if task == "segmentation":
             labels: dict[str, list[float]] = {}
             for e in ok:
-                for label, value in (e.get("area_fraction") or {}).items():
+                for label, value in (e.area_fraction or {}).items():
                     labels.setdefault(label, []).append(float(value))
+            style = styles.get(model)
             for i, (label, values) in enumerate(labels.items(), 1):
                 hi = max(0.01, float(np.max(values)))
                 s["labels"].append({
-                    "name": label, "colour": "#{:02x}{:02x}{:02x}".format(*colour(i)), "n": len(values),
+                    "name": label, "colour": hex_colour(style.colour_of(i) if style else colour(i)), "n": len(values),
                     "min": float(np.min(values)), "median": float(np.median(values)),
                     "mean": float(np.mean(values)), "max": float(np.max(values)),
                     "histogram": _histogram(values, 0.0, hi, HISTOGRAM_BINS)})
         elif task == "severity":
-            grades = [int(e["grade"]) for e in ok if isinstance(e.get("grade"), int)]
-            k = max([len(e.get("probabilities") or []) for e in ok] + [max(grades, default=-1) + 1])
+            grades = [e.grade for e in ok if isinstance(e.grade, int)]
+            k = max([len(e.probabilities or []) for e in ok] + [max(grades, default=-1) + 1])
             counts = Counter(grades)
             top = max(counts.values(), default=1)
             s["grades"] = [{"grade": g, "count": counts.get(g, 0), "pct": round(100 * counts.get(g, 0) / top)}
                            for g in range(k)]
-            scores = [float(e["score"]) for e in ok if isinstance(e.get("score"), int | float)]
+            scores = [float(e.score) for e in ok if isinstance(e.score, int | float)]
             s["score_mean"] = float(np.mean(scores)) if scores else None
         summaries.append(s)
     return summaries
 
 
-def _result_text(entry: dict) -> str:
-    if entry.get("status") != "ok":
-        return f"failed: {entry.get('error') or 'no reason recorded'}"
-    if entry.get("task") == "severity":
-        score = entry.get("score")
-        return f"grade {entry.get('grade')}" + (f", score {score:.2f}" if isinstance(score, int | float) else "")
-    areas = entry.get("area_fraction") or {}
-    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in areas.items()) or "ok"
+def _result_text(entry: ModelEntry) -> str:
+    if not entry.ok:
+        return f"failed: {entry.error or 'no reason recorded'}"
+    if entry.task == "severity":
+        score = entry.score
+        return f"grade {entry.grade}" + (f", score {score:.2f}" if isinstance(score, int | float) else "")
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in (entry.area_fraction or {}).items()) or "ok"
+
+
+def _styles(run: dict[str, Any], records: list[ImageRecord], models: list[str]) -> dict[str, Style]:
+    """Colours per segmentation model: as the latest run drew them (run.json), else the palette."""
+    styles = {}
+    for model in models:
+        entry = next((e for r in records if (e := r.models.get(model)) and e.task == "segmentation"), None)
+        if entry is None:
+            continue
+        recorded = ((run.get("models") or {}).get(model) or {}).get("colors")
+        labels = ["background", *(recorded or (entry.area_fraction or {}))]
+        colours = {k: tuple(int(v[i:i + 2], 16) for i in (1, 3, 5))
+                   for k, v in (recorded or {}).items() if isinstance(v, str) and len(v) == 7}
+        styles[model] = Style.from_labels(model, "segmentation", labels, colours)
+    return styles
 
 
 def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: int) -> dict[str, Any]:
@@ -190,36 +202,36 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     except (OSError, ValueError) as err:
         log.warning("%s: no readable run.json (%s); provenance comes from the records only", out, err)
         run = {}
-    records = [r for r in iter_records(out) if isinstance(r.get("name"), str)]
+    records = scan_records(out).records
     models: list[str] = list((run.get("models") or {}).keys())
     for r in records:
-        models += [m for m in (r.get("models") or {}) if m not in models]
-    seg_models = [m for m in models if any(((r.get("models") or {}).get(m) or {}).get("task") == "segmentation"
-                                          for r in records)]
+        models += [m for m in r.models if m not in models]
+    styles = _styles(run, records, models)
+    seg_models = [m for m in models if m in styles]
     manifest = run.get("manifest") or {}
     bases = [out.resolve().parent, Path(manifest["path"]).parent] if manifest.get("path") else [out.resolve().parent]
     report_dir = dest.resolve().parent
     cards, rows = [], []
     for i, r in enumerate(records):
         item = {
-            "name": r["name"], "image": r.get("image"), "status": r.get("status", "?"), "error": r.get("error"),
+            "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error,
             "results": [{"model": m, "text": _result_text(e),
-                         "mask": _link(out.resolve() / e["mask"], report_dir) if e.get("mask") else None}
-                        for m, e in (r.get("models") or {}).items() if isinstance(e, dict)],
+                         "mask": _link(out.resolve() / e.mask, report_dir) if e.mask else None}
+                        for m, e in r.models.items()],
         }
         if i < max_thumbnails:
-            item["thumbs"] = thumbnails(r, out, seg_models, thumbnail_size, bases)
+            item["thumbs"] = thumbnails(r, out, {m: styles[m] for m in seg_models}, thumbnail_size, bases)
             cards.append(item)
         else:
             rows.append(item)
-    legend = [{"model": s["name"], "labels": s["labels"]} for s in model_summaries(records, seg_models)]
+    legend = [{"model": s["name"], "labels": s["labels"]} for s in model_summaries(records, seg_models, styles)]
     return {
         "title": f"legitseg report: {out.resolve().name}",
         "out": str(out.resolve()), "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "legitseg": __version__, "run": run, "manifest": manifest,
         "arguments": json.dumps(run.get("arguments") or {}),
-        "run_ids": Counter(str(r.get("run_id", "unknown")) for r in records).most_common(),
-        "summaries": model_summaries(records, models), "legend": legend,
+        "run_ids": Counter(str(r.run_id or "unknown") for r in records).most_common(),
+        "summaries": model_summaries(records, models, styles), "legend": legend,
         "cards": cards, "rows": rows, "images": len(records),
         "failed": [item for item in cards + rows if item["status"] != "ok"],
         "max_thumbnails": max_thumbnails,

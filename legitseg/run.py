@@ -93,7 +93,7 @@ def new_run_id(started_at: float) -> str:
 
 
 def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: bool,
-         workers: int, retry_failed: bool = False) -> tuple[list[Source], list[ImageRecord]]:
+         workers: int, retry_failed: bool = False, overlay: bool = False) -> tuple[list[Source], list[ImageRecord]]:
     """Split sources into (to process, skipped records). Hashes only images that have a record.
 
     Skipped: same bytes, weights and settings, and done, or failed in a way that would
@@ -109,7 +109,7 @@ def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: b
             digest = sha256_bytes(read_bytes(source.path))
         except ImageError:
             return source, None
-        return source, record if record.done_for(models, digest, retry_failed) else None
+        return source, record if record.done_for(models, digest, retry_failed, overlay) else None
 
     todo, skipped = [], []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="legitseg-plan") as pool:
@@ -187,7 +187,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     settings = _Settings(batch_size=cfg.batch_size, writers=cfg.writers,
                          workers=cfg.workers if cfg.workers is not None else default_workers(device_type))
-    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed)
+    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed,
+                         cfg.overlay)
     runners: list = []
     if todo and not stop.is_set():
         if cfg.runners:
@@ -235,6 +236,7 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
+    from legitseg.overlay import Style
     from legitseg.pipeline.infer import math_mode
     from legitseg.records import settings_digest
     from legitseg.writers import ModelInfo, Sink
@@ -251,8 +253,9 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     else:
         from legitseg.pipeline.engine import Engine
 
-        engine = Engine(runners, **options)
-    sink = Sink(cfg.out, infos, run_id, writers)
+        engine = Engine(runners, keep_rgb=cfg.overlay, **options)
+    sink = Sink(cfg.out, infos, run_id, writers,
+                overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None)
     from legitseg.provenance import math_mode as effective_math
 
     with math_mode(cfg.precision):
@@ -264,10 +267,14 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             runners: list, started_at: float, run_id: str, found: Discovery) -> Path:
     """Rebuild scores.* from the records, write this run's file under runs/ and run.json
     (also after a failure, when possible)."""
+    from legitseg.overlay import Style
     from legitseg.provenance import command_line, environment, versions
 
     models: dict[str, dict[str, Any]] = {
         s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
+    for spec in cfg.models:
+        if spec.task == "segmentation":  # how overlays and the report draw each label
+            models[spec.name]["colors"] = Style.of(spec).hex_colours()
     for r in runners:
         models[r.name].update(backend=r.backend, parity=r.parity,
                               build_seconds=round(r.loaded.build_seconds, 3))

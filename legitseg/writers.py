@@ -31,6 +31,7 @@ from legitseg import __version__
 from legitseg.errors import RuntimeFailure
 from legitseg.fsio import atomic_write, dumps
 from legitseg.lock import summary_lock
+from legitseg.overlay import Style, encode_jpeg, segmentation_overlay, severity_overlay
 from legitseg.records import (
     CSV_FIELDS,
     FORMAT_VERSION,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 RECORDS = "records"
 MASKS = "masks"
 PROBABILITIES = "probabilities"
+OVERLAYS = "overlays"
 
 
 # -- layout -------------------------------------------------------------------------------
@@ -56,6 +58,10 @@ def mask_path(name: str, model: str) -> str:
 
 def probability_path(name: str, model: str) -> str:
     return f"{PROBABILITIES}/{model}/{name}.npz"
+
+
+def overlay_path(name: str, model: str) -> str:
+    return f"{OVERLAYS}/{model}/{name}.jpg"
 
 
 def record_path(out: Path, name: str) -> Path:
@@ -173,21 +179,53 @@ class Sink:
     """Writes ImageResults under OUT: masks, probability maps, then the record (merged with
     the previous record of the same image bytes)."""
 
-    def __init__(self, out: Path, models: list[ModelInfo], run_id: str, writers: int = 2):
+    def __init__(self, out: Path, models: list[ModelInfo], run_id: str, writers: int = 2,
+                 overlays: dict[str, Style] | None = None):
         self.out = out
         self.models = {m.name: m for m in models}
         self.run_id = run_id
         self.writers = max(1, writers)
+        self.overlays = overlays  # model -> Style: write overlays (needs ImageResult.rgb)
 
-    def _entry(self, info: ModelInfo, output: ModelOutput, name: str) -> ModelEntry:
+    def _drop_overlay(self, model: str, name: str) -> None:
+        """Remove an overlay left by an earlier result of this name: the new entry names none."""
+        if not (self.out / OVERLAYS).is_dir():
+            return
+        path = self.out / overlay_path(name, model)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise RuntimeFailure(f"cannot remove the stale overlay {path}: {err.strerror or err}") from err
+
+    def _overlay(self, entry: ModelEntry, model: str, name: str, value, rgb) -> None:
+        """Write the overlay of one ok result (with overlays on), else drop a stale one."""
+        path = overlay_path(name, model)
+        style = self.overlays.get(model) if self.overlays else None
+        if style is None or rgb is None:
+            self._drop_overlay(model, name)
+            return
+        try:
+            if isinstance(value, SeverityResult):
+                drawn = severity_overlay(rgb, style, value.grade, value.score)
+            else:
+                drawn = segmentation_overlay(rgb, value.mask, style)
+            data = encode_jpeg(drawn)
+        except (ValueError, cv2.error) as err:
+            raise RuntimeFailure(f"{model}: cannot draw the overlay of {name}: {err}") from err
+        atomic_write(self.out / path, data)
+        entry.overlay = path
+
+    def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb=None) -> ModelEntry:
         base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings)
         if output.error is not None or output.result is None:
+            self._drop_overlay(info.name, name)
             return ModelEntry(**base, status="failed", error=output.error or "no result",
                               error_kind=output.error_kind)
         entry = ModelEntry(**base, status="ok", backend=info.backend, parity=info.parity)
         value = output.result
         if isinstance(value, SeverityResult):
             entry.score, entry.grade, entry.probabilities = value.score, value.grade, value.probabilities
+            self._overlay(entry, info.name, name, value, rgb)
             return entry
         assert isinstance(value, SegmentationResult)
         entry.mask = mask_path(name, info.name)
@@ -196,11 +234,13 @@ class Sink:
             entry.probability_map = probability_path(name, info.name)
             atomic_write(self.out / entry.probability_map, encode_npz(value.probabilities))
         entry.area_fraction, entry.components = value.area_fraction, value.components
+        self._overlay(entry, info.name, name, value, rgb)
         return entry
 
     def write(self, result: ImageResult) -> ImageOutcome:
         """Write one image's files and its record. Raises RuntimeFailure when OUT is not writable."""
-        entries = {name: self._entry(self.models[name], out, result.name) for name, out in result.outputs.items()}
+        entries = {name: self._entry(self.models[name], out, result.name, result.rgb)
+                   for name, out in result.outputs.items()}
         models: dict[str, ModelEntry] = {}
         previous = read_record(self.out, result.name)
         if previous and previous.sha256 == result.sha256:
@@ -236,9 +276,3 @@ class Sink:
                 yield queued.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def iter_records(out: Path) -> Iterator[dict[str, Any]]:
-    """Every valid record under OUT as its JSON object (for readers that want plain data)."""
-    for record in scan_records(out).records:
-        yield record.to_json()

@@ -204,3 +204,36 @@ def test_demo_report_in_headless_chromium(chromium, demo_out, tmp_path):  # noqa
                              cv2.COLOR_BGR2RGB)
         match = cv2.matchTemplate(shot, thumb, cv2.TM_CCOEFF_NORMED).max()
         assert match > 0.95, f"thumbnail not found in the screenshot (best match {match:.2f})"
+
+
+def test_thumbnails_use_the_overlays_of_run_overlay_and_the_recorded_colours(tmp_path):
+    """An overlay file stands in for the photograph (here gone); the legend takes run.json's colours."""
+    out = tmp_path / "out"
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:20, 5:30] = 1
+    (out / "masks" / "seg").mkdir(parents=True)
+    Image.fromarray(mask).save(out / "masks" / "seg" / "a.png.png")
+    (out / "overlays" / "seg").mkdir(parents=True)
+    Image.fromarray(np.full((40, 60, 3), (10, 200, 30), np.uint8)).save(out / "overlays" / "seg" / "a.png.jpg")
+    entry = {"task": "segmentation", "status": "ok", "mask": "masks/seg/a.png.png",
+             "overlay": "overlays/seg/a.png.jpg", "area_fraction": {"spot": 0.156}, "components": {"spot": 1}}
+    write_record(out, "a.png", {"image": str(tmp_path / "gone.png"), "sha256": "0" * 64, "size": [40, 60],
+                                "status": "ok", "error": None, "models": {"seg": entry}})
+    no_overlay = {k: v for k, v in entry.items() if k != "overlay"}
+    write_record(out, "b.png", {"image": str(tmp_path / "gone.png"), "sha256": "0" * 64, "size": [40, 60],
+                                "status": "ok", "error": None, "models": {"seg": no_overlay}})
+    (out / "run.json").write_text(json.dumps({"models": {"seg": {"colors": {"spot": "#123456"}}}}))
+    dest = tmp_path / "r.html"
+    r = invoke("report", out, "-o", dest)
+    assert r.exit_code == 0, r.output
+    html = dest.read_text()
+    uris = re.findall(r'<img class="thumb" src="data:image/jpeg;base64,([^"]+)"', html)
+    assert len(uris) == 2  # a.png from its overlay; b.png tinted over grey
+    first = cv2.imdecode(np.frombuffer(base64.b64decode(uris[0]), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert np.abs(first.astype(int) - (10, 200, 30)).max() <= 8
+    second = cv2.imdecode(np.frombuffer(base64.b64decode(uris[1]), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    tinted = second[12, 15].astype(int)  # inside the mask: grey 128 blended with #123456
+    want = (1 - ALPHA) * 128 + ALPHA * np.array([0x12, 0x34, 0x56])
+    assert np.abs(tinted - want).max() <= 8
+    assert "background: #123456" in html  # the legend swatch
+    assert html.count("gone.png not found") == 1  # only b.png needed its photograph

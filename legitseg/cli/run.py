@@ -115,6 +115,7 @@ def run(
         help="auto | torch | onnxruntime; auto = onnxruntime on the CPU, torch on CUDA "
              "[default: each model's manifest `backend`, itself auto by default]")] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write float16 probability maps (.npz)")] = False,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write each result drawn on the photograph: OUT/overlays/<model>/<name>.jpg")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo images that failed before and would fail the same way (unchanged file, same model)")] = False,
     require_images: Annotated[bool, typer.Option("--require-images", help="Exit 6 when an INPUT folder holds no images (an unmounted share)")] = False,
@@ -136,7 +137,7 @@ def run(
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                     save_probabilities, overwrite, max_pixels, jsonl, quiet,
                     retry_failed=retry_failed, require_images=require_images, null=null,
-                    shard=shard, engine=engine, address=address)
+                    shard=shard, engine=engine, address=address, overlay=overlay)
     except LegitsegError as err:
         raise fail(err) from None
     except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
@@ -147,7 +148,7 @@ def run(
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
-         shard=None, engine="local", address=None) -> int:
+         shard=None, engine="local", address=None, overlay=False) -> int:
     """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
     from legitseg.api import run as run_api
     from legitseg.run import Planned, Skipped, Started
@@ -183,7 +184,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                 save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                 retry_failed=retry_failed, require_images=require_images, null=null,
                 stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show,
-                shard=shard, engine=engine, address=address)
+                shard=shard, engine=engine, address=address, overlay=overlay)
         finally:
             if progress is not None:
                 progress.close()

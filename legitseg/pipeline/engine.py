@@ -22,7 +22,7 @@ import torch
 
 from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.pipeline import postprocess
-from legitseg.pipeline.decode import DecodedImage, load_image
+from legitseg.pipeline.decode import DecodedImage, Prep, load_image
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.pixels import PixelSource
 from legitseg.pipeline.runners import Runner
@@ -30,6 +30,8 @@ from legitseg.pipeline.sources import Source
 from legitseg.records import ImageResult, ModelOutput
 
 log = logging.getLogger(__name__)
+# The decoded photograph as it is: `pad` at 3 channels returns the oriented RGB uncopied.
+PHOTO = Prep("pad", None, "linear", 3)
 
 
 def _free(device: torch.device) -> None:
@@ -43,7 +45,7 @@ class Engine:
     """Runs Sources through the models; `process` yields ImageResults."""
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
-                 save_probabilities: bool, max_pixels: int, stop: threading.Event):
+                 save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False):
         self.runners = runners
         self.batch_size = max(1, batch_size)
         self.workers = workers
@@ -51,7 +53,8 @@ class Engine:
         self.save_probabilities = save_probabilities
         self.max_pixels = max_pixels
         self.stop = stop
-        self.preps = list(dict.fromkeys(r.prep for r in runners))
+        self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb else [])))
+        self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
         # Largest batch known to fit, per model, once a batch ran out of memory.
         self.batch_limit: dict[str, int] = {}
         # On the GPU postprocessing is cheap and runs on the calling thread; on the CPU it
@@ -172,7 +175,8 @@ class Engine:
     def _finish(self, item: DecodedImage, outputs: dict[str, ModelOutput]) -> ImageResult:
         done = {r.name: self._postprocess(r, outputs[r.name], item) for r in self.runners}
         source = item.source
-        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done)
+        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done,
+                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None)
 
     def _failed(self, source: Source, err: ImageError) -> ImageResult:
         message = str(err)
