@@ -62,6 +62,14 @@ class RunConfig:
     require_images: bool = False  # an INPUT folder without images is an error (exit 6)
     null: bool = False  # paths on stdin are NUL-separated (find -print0)
     stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
+    tta: bool | None = None  # --tta/--no-tta; None: each model's manifest `tta`
+
+    def effective_models(self) -> None:
+        """Apply --tta/--no-tta to the specs, so records and resume see the settings that ran."""
+        if self.tta is not None:
+            from legitseg.manifest_modes import with_tta
+
+            self.models = [with_tta(s, self.tta) for s in self.models]
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -74,6 +82,7 @@ class RunConfig:
                             ("--max-pixels", self.max_pixels)):
             if value is not None and value < (0 if name == "--workers" else 1):
                 raise UsageError(f"{name} {value}: out of range")
+        self.effective_models()
 
     def arguments(self) -> dict[str, Any]:
         """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
@@ -82,7 +91,7 @@ class RunConfig:
                 "precision": self.precision, "backend": self.backend,
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
                 "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
-                "require_images": self.require_images, "null": self.null}
+                "require_images": self.require_images, "null": self.null, "tta": self.tta}
 
 
 @dataclass
@@ -192,7 +201,8 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     """
     started_at = time.time()
     for spec in cfg.models:
-        verify_sha256(spec.weights, spec.sha256, spec.name)
+        for weights, sha256 in spec.weight_files:
+            verify_sha256(weights, sha256, spec.name)
     found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
     _report_discovery(found, cfg.require_images)
     lock = OutputLock(cfg.out)
@@ -308,7 +318,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     from legitseg.provenance import command_line, environment, versions
 
     models: dict[str, dict[str, Any]] = {
-        s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
+        s.name: {"weights": [str(w) for w, _ in s.weight_files] if s.is_ensemble else str(s.weights),
+                 "weights_sha256": s.sha256} for s in cfg.models}
     for r in runners:
         models[r.name].update(backend=r.backend, parity=r.parity,
                               build_seconds=round(r.loaded.build_seconds, 3))
