@@ -18,7 +18,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -46,7 +45,7 @@ FORBIDDEN_ARCH_PARAMS = {
 SEVERITY_ONLY = ("temperature", "class_values", "pooling")
 SEGMENTATION_ONLY = ("arch", "arch_params", "threshold")
 
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class Normalize(BaseModel):
@@ -77,7 +76,7 @@ class ModelSpec(BaseModel):
     labels: tuple[str, ...] | None = None
     # One file, or several (an ensemble of checkpoints of one architecture) with one sha256 each.
     weights: Path | list[Path]
-    sha256: Sha256 | list[Sha256]
+    sha256: str | list[str]
     input_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
     resize: Literal["stretch", "pad", "letterbox", "tile"] = "stretch"
     interpolation: Literal["linear", "area", "cubic", "nearest"] = "linear"
@@ -117,6 +116,10 @@ class ModelSpec(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str | list[str]) -> str | list[str]:
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
+            if not SHA256_RE.match(item):
+                where = f"item {i + 1}: " if isinstance(v, list) else ""
+                raise ValueError(f"{where}String should match pattern '{SHA256_RE.pattern}'")
         return [s.lower() for s in v] if isinstance(v, list) else v.lower()
 
     @field_validator("weights", mode="before")
