@@ -288,8 +288,12 @@ class Bench:
     # -- the whole plan --------------------------------------------------------------------
     def cpu_rows(self) -> None:
         mode, cpu = self.mode, torch.device("cpu")
-        self.row("single model", [mode.primary], mode.small, mode.n, cpu, "fp32", rss_double=True,
-                 targets=CPU_TARGETS)
+        plain = self.row("single model", [mode.primary], mode.small, mode.n, cpu, "fp32", rss_double=True,
+                         targets=CPU_TARGETS)
+        tta = self.row("single model TTA hflip", [f"{mode.primary}_hflip"], mode.small, mode.n, cpu, "fp32")
+        if plain and tta:  # issue 11: TTA with hflip costs at most 2.1x the plain run
+            cost = plain["legitseg_img_s"] / tta["legitseg_img_s"]
+            tta["targets"] = f"cost vs plain {cost:.2f}x (target <= 2.1x): {'PASS' if cost <= 2.1 else 'FAIL'}"
         # What `run --overlay` costs: the same rows again, drawing and encoding one JPEG per image.
         self.row("single model --overlay", [mode.primary], mode.small, mode.n, cpu, "fp32", extra=["--overlay"])
         self.row("large images", [mode.primary], mode.large, mode.n_large, cpu, "fp32")
@@ -379,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(mode, work, args, machine)
 
     names = [mode.primary, mode.expert] + (mode.heavy if do_cpu and mode.n_heavy else [])
+    names += [f"{mode.primary}_hflip"] if do_cpu else []
     names += [mode.gpu_primary] if do_gpu else []
     bench.prepare(list(dict.fromkeys(names)))
     if do_cpu:

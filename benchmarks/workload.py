@@ -30,17 +30,21 @@ class BenchModel:
     size: tuple[int, int]  # input_size (h, w)
     arch: str | None = None
     classes: int = 1
+    tta: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         what = f"{self.arch}+{self.encoder}" if self.arch else f"{self.encoder} severity"
-        return f"{what} @{self.size[0]}" if self.size[0] == self.size[1] else f"{what} @{self.size[0]}x{self.size[1]}"
+        at = f"@{self.size[0]}" if self.size[0] == self.size[1] else f"@{self.size[0]}x{self.size[1]}"
+        return f"{what} {at}" + (f" tta {'+'.join(self.tta)}" if self.tta else "")
 
     def manifest_fields(self) -> dict:
         fields = {"task": self.task, "encoder": self.encoder, "classes": self.classes,
                   "input_size": list(self.size)}
         if self.arch:
             fields["arch"] = self.arch
+        if self.tta:
+            fields["tta"] = list(self.tta)
         return fields
 
 
@@ -51,6 +55,8 @@ PRODUCTION = {
         BenchModel("dlv3p_b2_512", "segmentation", "efficientnet-b2", (512, 512), arch="DeepLabV3Plus"),
         BenchModel("unet_r101_512", "segmentation", "resnet101", (512, 512), arch="Unet"),
         BenchModel("severity_b2_384", "severity", "efficientnet-b2", (384, 384), classes=10),
+        BenchModel("dlv3p_b2_384_hflip", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus",
+                   tta=("hflip",)),
     )
 }
 TINY_ENCODER = "tu-test_resnet.r160_in1k"  # smp's own test encoder, ~0.4M parameters
@@ -60,6 +66,7 @@ TINY = {
         BenchModel("tiny_seg_64", "segmentation", TINY_ENCODER, (64, 64), arch="Unet"),
         BenchModel("tiny_seg_96", "segmentation", TINY_ENCODER, (96, 96), arch="Unet"),
         BenchModel("tiny_sev_64", "severity", TINY_ENCODER, (64, 64), classes=10),
+        BenchModel("tiny_seg_64_hflip", "segmentation", TINY_ENCODER, (64, 64), arch="Unet", tta=("hflip",)),
     )
 }
 

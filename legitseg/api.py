@@ -147,7 +147,7 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
         stdin: IO[bytes] | None = None, stop: threading.Event | None = None,
         on_event: Callable[[Any], None] | None = None, runners: list | None = None,
         shard: str | None = None, engine: str = "local", address: str | None = None,
-        overlay: bool = False) -> RunSummary:
+        overlay: bool = False, tta: bool | None = None) -> RunSummary:
     """Do what `legitseg run INPUTS -o OUT` does, with the same options, and return its summary.
 
     `inputs` are paths: files, folders, or "-" to read paths from `stdin` (bytes).
@@ -155,7 +155,8 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     ImageOutcome, Finished), as the CLI does for its progress and --jsonl rows; setting
     `stop` ends the run after the images in flight (status "interrupted"). `shard` ("i/N")
     takes this process's part of the inputs; `engine` is "local" or "ray" (with `address`);
-    `overlay` also writes OUT/overlays/<model>/<name>.jpg.
+    `overlay` also writes OUT/overlays/<model>/<name>.jpg; `tta` True/False overrides every
+    model's manifest `tta` (False: none; True: the manifest's, or hflip where it names none).
     A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
     ManifestError or WeightsError (exit 3, before anything is read or written),
     RuntimeFailure (4), OutputLocked (5), NoImages (6).
@@ -171,7 +172,8 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
                     batch_size=batch_size, workers=workers, precision=precision, backend=backend,
                     save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                     retry_failed=retry_failed, require_images=require_images, null=null, stdin=stdin,
-                    runners=runners, shard=part, engine=engine, address=address, overlay=overlay)
+                    runners=runners, shard=part, engine=engine, address=address, overlay=overlay,
+                    tta=tta)
     finished: Finished | None = None
     with contextlib.closing(execute(cfg, stop or threading.Event())) as events:
         for event in events:

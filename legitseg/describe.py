@@ -23,11 +23,14 @@ CHECK_COLUMNS = ("model", "result", "build_s", "parameters", "weights_mb", "outp
                  "normalize", "threshold", "error")
 
 
-def _weights(manifest: Manifest, spec: ModelSpec) -> str:
-    try:
-        return str(spec.weights.relative_to(manifest.path.parent.absolute()))
-    except ValueError:
-        return str(spec.weights)
+def _weights(manifest: Manifest, spec: ModelSpec) -> str | list[str]:
+    names = []
+    for weights, _ in spec.weight_files:
+        try:
+            names.append(str(weights.relative_to(manifest.path.parent.absolute())))
+        except ValueError:
+            names.append(str(weights))
+    return names if spec.is_ensemble else names[0]
 
 
 def _normalize(spec: ModelSpec, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict[str, Any]:

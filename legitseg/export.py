@@ -49,6 +49,9 @@ def export_model(spec: ModelSpec, out: Path) -> ExportResult:
     """
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"--out {out}: the ONNX file name must end in .onnx (the sidecar is {out.stem}.json)")
+    if spec.is_ensemble:
+        raise UsageError(f"model {spec.name!r} is an ensemble of {len(spec.weight_files)} weights files; "
+                         "export one graph per file (a manifest entry per member)")
     import torch
 
     from legitseg.factory import load_model

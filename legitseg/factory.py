@@ -64,6 +64,8 @@ class LoadedModel:
     build_seconds: float
     parameters: int
     weight_bytes: int
+    # Ensembles: every member, each with its single-file spec (`module` is the first one's).
+    members: tuple[LoadedModel, ...] = ()
 
 
 def _check_timm_name(spec: ModelSpec) -> None:
@@ -156,19 +158,20 @@ def check_input_size(spec: ModelSpec, module: nn.Module, stride: int) -> None:
     any size; `pad` models are padded up to the stride at run time.
     Raises ManifestError naming the model, the size, the stride and the nearest valid sizes.
     """
-    if spec.task != "segmentation" or spec.resize != "stretch" or spec.input_size is None:
+    if spec.task != "segmentation" or spec.resize == "pad":
         return
     if not getattr(module, "requires_divisible_input_shape", True):
         return
-    h, w = spec.input_size
+    field = "tile_size" if spec.resize == "tile" else "input_size"
+    h, w = spec.probe_size
     if h % stride == 0 and w % stride == 0:
         return
     down = [v - v % stride for v in (h, w)]
     up = [v + (-v) % stride for v in (h, w)]
     choices = " or ".join(str(c) for c in ([down] if min(down) > 0 else []) + [up])
     raise ManifestError(
-        f"model {spec.name!r}, field 'input_size': {[h, w]} is not divisible by {stride}, the output "
-        f"stride of {spec.arch} + {spec.encoder}; with resize 'stretch' the model is fed exactly this "
+        f"model {spec.name!r}, field '{field}': {[h, w]} is not divisible by {stride}, the output "
+        f"stride of {spec.arch} + {spec.encoder}; with resize '{spec.resize}' the model is fed exactly this "
         f"size, so height and width must be multiples of {stride}: nearest valid sizes {choices}"
     )
 
@@ -207,9 +210,20 @@ def check_pretrained_config(spec: ModelSpec, config: dict) -> None:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Verify the sha256, build the architecture, load the weights strictly, set eval mode.
 
-    The bytes that are hashed are the bytes that are parsed. Raises WeightsError
-    or ManifestError (both exit 3).
+    An ensemble loads each member in turn (one file's bytes in memory at a time) and
+    returns them in `members`. The bytes that are hashed are the bytes that are parsed.
+    Raises WeightsError or ManifestError (both exit 3).
     """
+    if not spec.is_ensemble:
+        return _load_one(spec)
+    members = tuple(_load_one(spec.member(i)) for i in range(len(spec.weight_files)))
+    first = members[0]
+    return LoadedModel(spec, first.module, first.mean, first.std, first.stride,
+                       sum(m.build_seconds for m in members), sum(m.parameters for m in members),
+                       sum(m.weight_bytes for m in members), members)
+
+
+def _load_one(spec: ModelSpec) -> LoadedModel:
     started = time.perf_counter()
     data = read_verified(spec.weights, spec.sha256, spec.name)
     if spec.weights.is_dir():

@@ -18,7 +18,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +25,8 @@ from pydantic import (
 
 from legitseg._smp_names import ARCHITECTURES, ENCODERS
 from legitseg.errors import ManifestError, UsageError
+from legitseg.manifest_colors import check_colors, parse_colors
+from legitseg.manifest_modes import check_ensemble, check_modes, expand_tta
 from legitseg.manifest_yaml import load_yaml, non_finite, short
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
@@ -44,9 +45,8 @@ FORBIDDEN_ARCH_PARAMS = {
 }
 SEVERITY_ONLY = ("temperature", "class_values", "pooling")
 SEGMENTATION_ONLY = ("arch", "arch_params", "threshold", "colors")
-HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class Normalize(BaseModel):
@@ -75,10 +75,11 @@ class ModelSpec(BaseModel):
     in_channels: Literal[1, 3] = 3
     classes: int = Field(1, ge=1, le=65535)
     labels: tuple[str, ...] | None = None
-    weights: Path
-    sha256: Sha256
+    # One file, or several (an ensemble of checkpoints of one architecture) with one sha256 each.
+    weights: Path | list[Path]
+    sha256: str | list[str]
     input_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
-    resize: Literal["stretch", "pad"] = "stretch"
+    resize: Literal["stretch", "pad", "letterbox", "tile"] = "stretch"
     interpolation: Literal["linear", "area", "cubic", "nearest"] = "linear"
     normalize: Normalize | None = None
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
@@ -92,6 +93,11 @@ class ModelSpec(BaseModel):
     # Glob patterns of keys in the weights file that the model does not have and that
     # are dropped before the strict load (e.g. the aux_params head: classification_head.*).
     ignore_keys: tuple[str, ...] = ()
+    # Accuracy modes (docs/accuracy.md).
+    tta: tuple[Literal["hflip", "vflip", "rot90", "rot180", "rot270"], ...] = ()
+    tile_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    blend: Literal["gaussian", "constant"] = "gaussian"
     # Overlay colour per label name (`run --overlay`): "#rrggbb" or [r, g, b]; others from the default palette.
     colors: dict[str, tuple[int, int, int]] | None = None
 
@@ -105,14 +111,34 @@ class ModelSpec(BaseModel):
     @field_validator("sha256", mode="before")
     @classmethod
     def _sha_type(cls, v: Any) -> Any:
-        if isinstance(v, int | float):
-            raise ValueError("sha256 was read as a number (YAML drops leading zeros); write it in quotes")
-        return v
+        for item in v if isinstance(v, list | tuple) else [v]:
+            if isinstance(item, int | float):
+                raise ValueError("sha256 was read as a number (YAML drops leading zeros); write it in quotes")
+        return list(v) if isinstance(v, tuple) else v
 
     @field_validator("sha256")
     @classmethod
-    def _sha(cls, v: str) -> str:
-        return v.lower()
+    def _sha(cls, v: str | list[str]) -> str | list[str]:
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
+            if not SHA256_RE.match(item):
+                where = f"item {i + 1}: " if isinstance(v, list) else ""
+                raise ValueError(f"{where}String should match pattern '{SHA256_RE.pattern}'")
+        return [s.lower() for s in v] if isinstance(v, list) else v.lower()
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_list(cls, v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta(cls, v: Any) -> Any:
+        return expand_tta(v)
+
+    @field_validator("tile_size", mode="before")
+    @classmethod
+    def _tile_size(cls, v: Any) -> Any:
+        return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("arch")
     @classmethod
@@ -159,21 +185,7 @@ class ModelSpec(BaseModel):
     @field_validator("colors", mode="before")
     @classmethod
     def _colors(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if not isinstance(v, dict):
-            raise ValueError(f"expected a mapping of label name to \"#rrggbb\" or [r, g, b], got {short(v)}")
-        out = {}
-        for label, value in v.items():
-            if isinstance(value, str) and HEX_COLOUR.match(value):
-                out[label] = tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))
-            elif (isinstance(value, list | tuple) and len(value) == 3
-                  and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
-                out[label] = tuple(value)
-            else:
-                raise ValueError(f"colour of label {short(label)} is {short(value)}; "
-                                 "write \"#rrggbb\" or [r, g, b] with whole numbers 0..255")
-        return out
+        return parse_colors(v)
 
     @model_validator(mode="after")
     def _cross(self) -> ModelSpec:
@@ -200,14 +212,11 @@ class ModelSpec(BaseModel):
             want = self.classes
         if self.labels is not None and len(self.labels) != want:
             raise ValueError(f"labels has {len(self.labels)} names but this model has {want} (class 0 is background)")
-        if self.colors:
-            drawn = self.label_names[1:]
-            unknown = [label for label in self.colors if label not in drawn]
-            if unknown:
-                raise ValueError(f"colors: label(s) {', '.join(map(short, unknown))} not among the drawn "
-                                 f"labels {', '.join(drawn)} (background is never drawn)")
-        if self.resize == "stretch" and self.input_size is None:
-            raise ValueError("'input_size' [height, width] is required when resize is 'stretch'")
+        check_colors(self)
+        if self.resize in ("stretch", "letterbox") and self.input_size is None:
+            raise ValueError(f"'input_size' [height, width] is required when resize is '{self.resize}'")
+        check_modes(self, given)
+        check_ensemble(self)
         if self.normalize is not None and len(self.normalize.mean) != self.in_channels:
             raise ValueError(
                 f"normalize has {len(self.normalize.mean)} channels but in_channels is {self.in_channels}"
@@ -215,6 +224,24 @@ class ModelSpec(BaseModel):
         return self
 
     # -- derived values the rest of the code uses ---------------------------------
+    @property
+    def weight_files(self) -> list[tuple[Path, str]]:
+        """(weights path, sha256) of every file: one, or each member of an ensemble."""
+        if isinstance(self.weights, list):
+            return list(zip(self.weights, self.sha256, strict=True))
+        return [(self.weights, self.sha256)]  # type: ignore[list-item]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.weights, list)
+
+    def member(self, index: int) -> ModelSpec:
+        """The single-file spec of one ensemble member (the spec itself for a single file)."""
+        if not self.is_ensemble:
+            return self
+        path, sha = self.weight_files[index]
+        return self.model_copy(update={"weights": path, "sha256": sha})
+
     @property
     def label_names(self) -> tuple[str, ...]:
         if self.labels is not None:
@@ -234,7 +261,10 @@ class ModelSpec(BaseModel):
 
     @property
     def probe_size(self) -> tuple[int, int]:
-        """The size used for dummy forwards: input_size, or 256x256 for pad models without one."""
+        """The size used for dummy forwards: tile_size for tiled models, input_size, or 256x256
+        for pad models without one."""
+        if self.resize == "tile" and self.tile_size is not None:
+            return self.tile_size
         return self.input_size or (256, 256)
 
 
@@ -311,6 +341,8 @@ def parse_manifest(text: str, path: Path) -> Manifest:
             weights = body.get("weights")
             if isinstance(weights, str):
                 body["weights"] = (path.parent / weights).absolute()
+            elif isinstance(weights, list):
+                body["weights"] = [(path.parent / w).absolute() if isinstance(w, str) else w for w in weights]
     try:
         manifest = Manifest.model_validate(
             {**raw, "path": path, "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -318,14 +350,15 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     except ValidationError as err:
         raise ManifestError(_format_validation(path, raw, err)) from err
     for spec in manifest.models.values():
-        try:
-            found = spec.weights.exists()
-        except OSError as err:  # e.g. a name longer than the file system allows
-            raise ManifestError(
-                f"{path}: model {spec.name!r}: field 'weights': cannot look up {short(str(spec.weights))}: "
-                f"{err.strerror or err}") from err
-        if not found:
-            raise ManifestError(f"{path}: model {spec.name!r}: weights file not found: {spec.weights}")
+        for weights, _ in spec.weight_files:
+            try:
+                found = weights.exists()
+            except OSError as err:  # e.g. a name longer than the file system allows
+                raise ManifestError(
+                    f"{path}: model {spec.name!r}: field 'weights': cannot look up {short(str(weights))}: "
+                    f"{err.strerror or err}") from err
+            if not found:
+                raise ManifestError(f"{path}: model {spec.name!r}: weights file not found: {weights}")
     return manifest
 
 

@@ -143,8 +143,8 @@ def cache_fields(loaded: LoadedModel, opset: int = OPSET) -> dict[str, Any]:
         "arch_params": spec.arch_params,
         "pooling": spec.pooling if spec.task == "severity" else None,
         "resize": spec.resize,
-        # stretch graphs have a fixed height and width; pad graphs take any size
-        "input_size": list(spec.input_size) if spec.resize == "stretch" else None,
+        # stretch, letterbox and tile graphs have a fixed height and width; pad graphs take any size
+        "input_size": list(spec.probe_size) if spec.resize != "pad" else None,
         "opset": opset,
         "export_format": EXPORT_FORMAT,
         "torch": torch.__version__,

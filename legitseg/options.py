@@ -47,6 +47,7 @@ class RunConfig:
     null: bool = False  # paths on stdin are NUL-separated (find -print0)
     stdin: IO[bytes] | None = None  # where INPUT '-' reads paths from
     overlay: bool = False  # also write OUT/overlays/<model>/<name>.jpg
+    tta: bool | None = None  # --tta/--no-tta; None: each model's manifest `tta`
     runners: list | None = None  # already built for `models` (a Predictor's); None: built when there is work
     shard: Shard | None = None  # --shard i/N: only this part of the images (legitseg.shard)
     engine: str = "local"  # local | ray (legitseg.ray_engine)
@@ -58,8 +59,16 @@ class RunConfig:
             raise UsageError(f"--engine {self.engine!r}: choose {_choices(ENGINES)}")
         if self.address is not None and self.engine != "ray":
             raise UsageError("--address is the address of a Ray cluster: it needs --engine ray")
+        self.effective_models()
         if self.overlay and self.engine == "ray":
             raise UsageError("--overlay is not available with --engine ray yet; run the overlays with the local engine")
+
+    def effective_models(self) -> None:
+        """Apply --tta/--no-tta to the specs, so records and resume see the settings that ran."""
+        if self.tta is not None:
+            from legitseg.manifest_modes import with_tta
+
+            self.models = [with_tta(s, self.tta) for s in self.models]
 
     def arguments(self) -> dict[str, Any]:
         """The options as given, for run.json (derived, so it cannot disagree with what ran)."""
@@ -68,7 +77,7 @@ class RunConfig:
                 "precision": self.precision, "backend": self.backend,
                 "save_probabilities": self.save_probabilities, "overwrite": self.overwrite,
                 "max_pixels": self.max_pixels, "retry_failed": self.retry_failed,
-                "require_images": self.require_images, "null": self.null, "overlay": self.overlay,
+                "require_images": self.require_images, "null": self.null, "overlay": self.overlay, "tta": self.tta,
                 "shard": str(self.shard) if self.shard else None, "engine": self.engine,
                 "address": self.address}
 

@@ -132,7 +132,8 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     """
     started_at = time.time()
     for spec in cfg.models:
-        verify_sha256(spec.weights, spec.sha256, spec.name)
+        for weights, sha256 in spec.weight_files:
+            verify_sha256(weights, sha256, spec.name)
     found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
     _report_discovery(found, cfg.require_images)
     if cfg.shard is not None:
@@ -271,7 +272,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     from legitseg.provenance import command_line, environment, versions
 
     models: dict[str, dict[str, Any]] = {
-        s.name: {"weights": str(s.weights), "weights_sha256": s.sha256} for s in cfg.models}
+        s.name: {"weights": [str(w) for w, _ in s.weight_files] if s.is_ensemble else str(s.weights),
+                 "weights_sha256": s.sha256} for s in cfg.models}
     for spec in cfg.models:
         if spec.task == "segmentation":  # how overlays and the report draw each label
             models[spec.name]["colors"] = Style.of(spec).hex_colours()

@@ -17,12 +17,12 @@ PACKAGE = REPO / "legitseg"
 # (Within a layer, the modules are siblings: the backends, say.)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names"]),
-    ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.shard", "legitseg.manifest_yaml", "legitseg.manifest", "legitseg.provenance",
+    ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.shard", "legitseg.manifest_yaml", "legitseg.manifest_colors", "legitseg.manifest_modes", "legitseg.manifest", "legitseg.provenance",
               "legitseg.lock"]),
     ("models", ["legitseg.weights", "legitseg.factory", "legitseg.convert", "legitseg.describe",
                 "legitseg.check", "legitseg.onnx_backend"]),
     ("input", ["legitseg.pipeline", "legitseg.pipeline.naming", "legitseg.pipeline.containers",
-               "legitseg.pipeline.sources", "legitseg.pipeline.decode", "legitseg.pipeline.pixels"]),
+               "legitseg.pipeline.sources", "legitseg.pipeline.decode", "legitseg.pipeline.pixels", "legitseg.pipeline.geometry"]),
     ("compute", ["legitseg.pipeline.postprocess", "legitseg.pipeline.runners", "legitseg.pipeline.infer",
                  "legitseg.pipeline.ort_runner", "legitseg.pipeline.modes", "legitseg.pipeline.tta",
                  "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling"]),

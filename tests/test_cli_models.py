@@ -72,7 +72,7 @@ FIELD_REFUSALS = [
     ("sha256 too short", {"sha256": "abc123"},
      "model 'lesion', field 'sha256': String should match pattern '^[0-9a-fA-F]{64}$'"),
     ("sha256 not hex", {"sha256": "g" * 64}, "model 'lesion', field 'sha256': String should match pattern"),
-    ("unknown resize", {"resize": "crop"}, "model 'lesion', field 'resize': invalid value 'crop'; valid: 'stretch' or 'pad'"),
+    ("unknown resize", {"resize": "crop"}, "model 'lesion', field 'resize': invalid value 'crop'; valid: 'stretch', 'pad', 'letterbox' or 'tile'"),
     ("unknown interpolation", {"interpolation": "lanczos"},
      "model 'lesion', field 'interpolation': invalid value 'lanczos'; valid: 'linear', 'area', 'cubic' or 'nearest'"),
     ("unknown task", {"task": "detection"},

@@ -29,7 +29,14 @@ CASES = {
     "erythema_segmenter.yaml": ("DeepLabV3Plus", "efficientnet-b2", (1, 1, *PROBE)),
     "lesion_segmenter.yaml": ("Unet", "resnet101", (1, 3, *PROBE)),
     "severity_classifier.yaml": (None, "efficientnet-b2", (1, 10)),
+    # one manifest per accuracy mode (docs/accuracy.md)
+    "tta.yaml": ("DeepLabV3Plus", "efficientnet-b2", (1, 1, *PROBE)),
+    "ensemble.yaml": ("DeepLabV3Plus", "efficientnet-b2", (1, 1, *PROBE)),
+    "letterbox.yaml": ("Unet", "resnet34", (1, 3, *PROBE)),
+    "tiling.yaml": ("Unet", "resnet34", (1, 1, *PROBE)),
 }
+MODES = {"tta.yaml": {"tta": ("hflip", "vflip", "rot180")}, "ensemble.yaml": {"is_ensemble": True},
+         "letterbox.yaml": {"resize": "letterbox"}, "tiling.yaml": {"resize": "tile", "tile_size": (512, 512)}}
 
 
 def test_every_example_manifest_is_covered():
@@ -44,18 +51,25 @@ def test_example_manifest_loads_and_runs(filename: str, tmp_path: Path):
     ((name, body),) = raw["models"].items()
     assert body.get("arch") == arch and body["encoder"] == encoder
 
-    weights = tmp_path / body["weights"]
-    weights.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    module = build_module(ModelSpec(name=name, **{**body, "weights": weights}))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
-    body["sha256"] = sha256_file(weights)
+    files = body["weights"] if isinstance(body["weights"], list) else [body["weights"]]
+    hashes = []
+    for seed, file in enumerate(files):
+        weights = tmp_path / file
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        module = build_module(ModelSpec(name=name, **{**body, "weights": weights, "sha256": "0" * 64}))
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
+        hashes.append(sha256_file(weights))
+    body["sha256"] = hashes if isinstance(body["weights"], list) else hashes[0]
     manifest_path = tmp_path / filename
     manifest_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     spec = load_manifest(manifest_path).models[name]
-    assert spec.weights == weights.absolute()
+    assert [w for w, _ in spec.weight_files] == [(tmp_path / f).absolute() for f in files]
+    for attr, value in MODES.get(filename, {}).items():
+        assert getattr(spec, attr) == value
     loaded = load_model(spec)
+    assert len(loaded.members) == (len(files) if len(files) > 1 else 0)
     assert loaded.mean == (0.485, 0.456, 0.406) and loaded.std == (0.229, 0.224, 0.225)
     with torch.inference_mode():
         out = loaded.module(torch.zeros(1, 3, *PROBE))

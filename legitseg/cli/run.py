@@ -120,6 +120,7 @@ def run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo images that failed before and would fail the same way (unchanged file, same model)")] = False,
     require_images: Annotated[bool, typer.Option("--require-images", help="Exit 6 when an INPUT folder holds no images (an unmounted share)")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0)")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: --tta turns on each model's manifest `tta` (flips where it has none), --no-tta turns it off [default: the manifest's]")] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = 100_000_000,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON row per (image, model) on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
@@ -137,7 +138,7 @@ def run(
         code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                     save_probabilities, overwrite, max_pixels, jsonl, quiet,
                     retry_failed=retry_failed, require_images=require_images, null=null,
-                    shard=shard, engine=engine, address=address, overlay=overlay)
+                    shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
     except LegitsegError as err:
         raise fail(err) from None
     except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
@@ -148,7 +149,7 @@ def run(
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
-         shard=None, engine="local", address=None, overlay=False) -> int:
+         shard=None, engine="local", address=None, overlay=False, tta=None) -> int:
     """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
     from legitseg.api import run as run_api
     from legitseg.run import Planned, Skipped, Started
@@ -184,7 +185,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                 save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                 retry_failed=retry_failed, require_images=require_images, null=null,
                 stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show,
-                shard=shard, engine=engine, address=address, overlay=overlay)
+                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
         finally:
             if progress is not None:
                 progress.close()

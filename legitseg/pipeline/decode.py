@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
 from legitseg.pipeline.containers import heif_header, jpeg_end, png_end
+from legitseg.pipeline.geometry import letterbox_size
 from legitseg.pipeline.sources import Source
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ INTERPOLATION = {
 class Prep:
     """How one model wants its input: all models sharing a Prep share one resized array."""
 
-    resize: str  # stretch | pad
-    size: tuple[int, int] | None  # (h, w) for stretch
+    resize: str  # stretch | pad | letterbox | tile
+    size: tuple[int, int] | None  # (h, w) for stretch and letterbox
     interpolation: str
     channels: int
 
@@ -239,10 +240,13 @@ def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
 
 
 def prepare(rgb: np.ndarray, prep: Prep) -> np.ndarray:
-    """uint8 HWC input for one Prep: stretch-resized, or native size for pad."""
+    """uint8 HWC input for one Prep: stretch-resized; letterbox-resized (aspect ratio kept,
+    not yet padded: the runner pads after normalisation); or native size for pad and tile."""
     img = rgb
-    if prep.resize == "stretch":
+    if prep.resize in ("stretch", "letterbox"):
         h, w = prep.size
+        if prep.resize == "letterbox":
+            h, w = letterbox_size(*img.shape[:2], h, w)
         if img.shape[:2] != (h, w):
             img = cv2.resize(img, (w, h), interpolation=INTERPOLATION[prep.interpolation])
     if prep.channels == 1:

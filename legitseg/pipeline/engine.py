@@ -109,8 +109,10 @@ class Engine:
         the run. Only an image that does not fit alone fails.
         """
         groups: dict[tuple, list[int]] = {}
+        # A runner that puts inputs on a canvas of its own (letterbox, tiles) batches any shapes.
+        key = getattr(runner, "batch_key", None) or (lambda a: a.shape)
         for i, it in enumerate(items):
-            groups.setdefault(it.inputs[runner.prep].shape, []).append(i)
+            groups.setdefault(key(it.inputs[runner.prep]), []).append(i)
         out: list[ModelOutput] = [ModelOutput()] * len(items)
         for idx in groups.values():
             pending = list(idx)

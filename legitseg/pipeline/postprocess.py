@@ -28,12 +28,27 @@ def activation(logits: torch.Tensor, spec: ModelSpec, dim: int = 1) -> torch.Ten
     return torch.sigmoid(logits) if spec.classes == 1 else torch.softmax(logits, dim=dim)
 
 
+def activation_(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """`activation` of one segmentation output (C, H, W), in place."""
+    if spec.classes == 1:
+        return logits.sigmoid_()
+    logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=0, keepdim=True))
+
+
 def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
                  keep_probabilities: bool) -> SegmentationResult:
-    """One image's logits (C, h, w) -> result at the original size (H, W)."""
+    """One image's logits (C, h, w) -> result at the original size (H, W).
+
+    Tile mode's logits are made for this call at the original size: the activation is
+    applied to them in place, so a full-resolution map per class exists once.
+    """
     with torch.inference_mode():
-        up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        prob = activation(up, spec, dim=0)
+        if spec.resize == "tile" and tuple(logits.shape[-2:]) == tuple(size) and logits.dtype == torch.float32:
+            prob = activation_(logits, spec)
+        else:
+            up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            prob = activation(up, spec, dim=0)
         if spec.classes == 1:
             mask_t = (prob[0] > spec.threshold).to(torch.uint8)
             counts = torch.stack([(mask_t == 0).sum(), mask_t.sum(dtype=torch.int64)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from legitseg.errors import UsageError
 from legitseg.pipeline.decode import Prep
+from legitseg.pipeline.geometry import content_slices
 from legitseg.pipeline.postprocess import activation
 
 if TYPE_CHECKING:
@@ -45,12 +46,13 @@ class Runner(Protocol):
     @property
     def name(self) -> str: ...
 
-    def logits(self, arrays: list[np.ndarray]) -> torch.Tensor: ...
+    def logits(self, arrays: list[np.ndarray]) -> torch.Tensor | Sequence[torch.Tensor]:
+        """One output per array (indexable): logits (C, h, w) or (classes,)."""
 
 
 def prep_for(loaded: LoadedModel) -> Prep:
     spec = loaded.spec
-    return Prep(spec.resize, spec.input_size if spec.resize == "stretch" else None,
+    return Prep(spec.resize, spec.input_size if spec.resize in ("stretch", "letterbox") else None,
                 spec.interpolation, spec.in_channels)
 
 
@@ -64,16 +66,25 @@ class Preprocessor:
     pad_to_stride: bool
     device: torch.device
     channels_last: bool
+    # letterbox and tile: every input is put on a canvas of this (h, w), zeros after
+    # normalisation around it; centred (letterbox) or at the top left (tiles).
+    canvas: tuple[int, int] | None = None
+    centred: bool = False
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, device: torch.device, channels_last: bool) -> Preprocessor:
-        c = loaded.spec.in_channels
+        spec = loaded.spec
+        c = spec.in_channels
         mean = torch.tensor(loaded.mean, device=device).view(1, c, 1, 1) * 255.0
         std = torch.tensor(loaded.std, device=device).view(1, c, 1, 1) * 255.0
-        return cls(mean, std, loaded.stride, loaded.spec.resize == "pad", device, channels_last)
+        canvas = spec.probe_size if spec.resize in ("letterbox", "tile") else None
+        return cls(mean, std, loaded.stride, spec.resize == "pad", device, channels_last,
+                   canvas, spec.resize == "letterbox")
 
     def tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Stack, move to the device, normalise: (x/255 - mean)/std."""
+        """Stack, move to the device, normalise: (x/255 - mean)/std; on the canvas if any."""
+        if self.canvas is not None:
+            return self._on_canvas(arrays)
         batch = torch.from_numpy(np.stack(arrays))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -82,6 +93,15 @@ class Preprocessor:
         return ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
+
+    def _on_canvas(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        ch, cw = self.canvas  # type: ignore[misc]
+        x = torch.zeros((len(arrays), self.mean.shape[1], ch, cw), device=self.device)
+        for k, a in enumerate(arrays):
+            rows, cols = content_slices(a.shape[0], a.shape[1], ch, cw, self.centred)
+            t = torch.from_numpy(a).to(self.device).permute(2, 0, 1).float()
+            x[k, :, rows, cols] = (t - self.mean[0]) / self.std[0]
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Zero-pad bottom/right to the model's stride (`pad` models); returns the unpadded size."""
@@ -184,5 +204,14 @@ BUILDERS: dict[str, Callable[[LoadedModel, torch.device, str], Runner]] = {
 
 
 def build_runner(loaded: LoadedModel, device: torch.device, precision: str, requested: str | None) -> Runner:
-    """The runner for one loaded model: the registry's builder for the chosen backend."""
-    return BUILDERS[choose_backend(requested, loaded.spec, device, precision)](loaded, device, precision)
+    """The runner for one loaded model: the registry's builder for the chosen backend.
+
+    A model with accuracy modes (TTA, ensemble, letterbox, tile) gets a ModeRunner around
+    one backend runner per ensemble member (each gated on its own for ONNX Runtime).
+    """
+    from legitseg.pipeline.modes import ModeRunner, needs_modes
+
+    builder = BUILDERS[choose_backend(requested, loaded.spec, device, precision)]
+    if not needs_modes(loaded.spec):
+        return builder(loaded, device, precision)
+    return ModeRunner(loaded, [builder(m, device, precision) for m in loaded.members or (loaded,)])

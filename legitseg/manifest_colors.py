@@ -1,0 +1,43 @@
+"""The manifest's `colors:` per label (how `run --overlay` and the report draw each label)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from legitseg.manifest_yaml import short
+
+if TYPE_CHECKING:
+    from legitseg.manifest import ModelSpec
+
+HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+def parse_colors(v: Any) -> Any:
+    """label -> "#rrggbb" or [r, g, b] as label -> (r, g, b). Raises ValueError naming the label."""
+    if v is None:
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a mapping of label name to \"#rrggbb\" or [r, g, b], got {short(v)}")
+    out = {}
+    for label, value in v.items():
+        if isinstance(value, str) and HEX_COLOUR.match(value):
+            out[label] = tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))
+        elif (isinstance(value, list | tuple) and len(value) == 3
+              and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
+            out[label] = tuple(value)
+        else:
+            raise ValueError(f"colour of label {short(label)} is {short(value)}; "
+                             "write \"#rrggbb\" or [r, g, b] with whole numbers 0..255")
+    return out
+
+
+def check_colors(spec: ModelSpec) -> None:
+    """Every coloured label is one the model draws (not background). Raises ValueError."""
+    if not spec.colors:
+        return
+    drawn = spec.label_names[1:]
+    unknown = [label for label in spec.colors if label not in drawn]
+    if unknown:
+        raise ValueError(f"colors: label(s) {', '.join(map(short, unknown))} not among the drawn "
+                         f"labels {', '.join(drawn)} (background is never drawn)")
