@@ -88,6 +88,24 @@ def kit(tmp_path: Path) -> ModelKit:
     return ModelKit(tmp_path)
 
 
+def invoke_cli(*args: str, cwd: Path | None = None, stdin: str | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """`legitseg ARGS` in this process (typer's CliRunner): what `run_cli` gives, without paying
+    for a new interpreter and a torch import. Use `run_cli` where a real process matters
+    (signals, locks, closed stdout, resource limits, imports)."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from legitseg.cli import app
+
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        r = CliRunner().invoke(app, [str(a) for a in args], input=stdin, env={"COLUMNS": "4000", **(env or {})})
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
+
+
 def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m legitseg ARGS` as a real subprocess."""

@@ -271,3 +271,25 @@ def test_18_rows_say_computed_or_skipped_and_run_json_says_how_inputs_came(manif
     assert latest["environment"]["working_directory"] == os.getcwd()
     assert latest["environment"]["hostname"]
     assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted([run_id, latest["run_id"]])
+
+
+def test_three_runs_with_different_arguments_each_record_resolves_to_its_own_run_file(manifest, tmp_path):
+    folder = tmp_path / "in"
+    for i in range(3):
+        jpeg(folder / f"{i}.jpg", seed=i)
+    out = tmp_path / "out"
+    assert run(folder / "0.jpg", "-m", manifest, "-o", out).exit_code == 0
+    assert run(folder / "1.jpg", "-m", manifest, "-o", out, "--batch-size", "1").exit_code == 0
+    r = run(folder, "-m", manifest, "-o", out, "--save-probabilities")
+    assert r.exit_code == 0 and "1 to process, 2 already done" in r.output
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    recs = records(out)
+    assert len(runs) == 3 and len({rec["run_id"] for rec in recs.values()}) == 3
+    for name, rec in recs.items():
+        run_file = runs[rec["run_id"]]  # every record names a run file that exists
+        assert run_file["run_id"] == rec["run_id"]
+        assert run_file["versions"]["torch"] and run_file["math"]["convolution_fp32"] == "ieee"
+        assert run_file["manifest"]["sha256"] and run_file["environment"]["hostname"]
+        assert run_file["arguments"]["inputs"] == [str(folder / name) if name != "2.jpg" else str(folder)]
+    assert runs[recs["1.jpg"]["run_id"]]["arguments"]["batch_size"] == 1
+    assert runs[recs["2.jpg"]["run_id"]]["arguments"]["save_probabilities"] is True

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli as run_cli
 
 # bf16 keeps 8 bits of mantissa (relative error ~0.4% per rounding) and fp16 11;
 # through a few dozen layers that moves probabilities by a few thousandths. These

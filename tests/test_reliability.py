@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 
 RNG = np.random.default_rng(7)
 
@@ -95,7 +95,7 @@ def test_bad_images_fail_alone(manifest, tmp_path):
         unreadable.write_bytes(good)
         unreadable.chmod(0)
     out = tmp_path / "out"
-    r = run_cli("run", str(d), "-m", str(manifest), "-o", str(out), "--max-pixels", "50000000")
+    r = invoke_cli("run", str(d), "-m", str(manifest), "-o", str(out), "--max-pixels", "50000000")
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     recs = records(out)
@@ -168,7 +168,7 @@ def test_odd_but_valid_images_succeed(manifest, tmp_path):
     d.mkdir()
     sizes = _odd_images(d)
     out = tmp_path / "out"
-    r = run_cli("run", str(d), "-m", str(manifest), "-o", str(out))
+    r = invoke_cli("run", str(d), "-m", str(manifest), "-o", str(out))
     assert r.returncode == 0, r.stderr
     recs = records(out)
     assert set(recs) == set(sizes)
@@ -237,7 +237,7 @@ def test_integrity_errors_exit_3_and_write_nothing(kit, tmp_path, case):
     images.mkdir()
     (images / "a.jpg").write_bytes(jpeg_bytes(photo(40, 40)))
     out = tmp_path / "out"
-    r = run_cli("run", str(images), "-m", str(manifest), "-o", str(out), cwd=tmp_path)
+    r = invoke_cli("run", str(images), "-m", str(manifest), "-o", str(out), cwd=tmp_path)
     assert r.returncode == 3, r.stderr
     assert expect in r.stderr
     assert "seg" in r.stderr or case in ("duplicate", "python-tag")
@@ -305,28 +305,28 @@ def test_resume_skips_done_and_redoes_changed(kit, tmp_path):
     d = jpeg_folder(tmp_path, 3, 50, 70, "{}.jpg")
     out = tmp_path / "out"
     base = ["run", str(d), "-m", str(manifest), "-o", str(out)]
-    assert run_cli(*base).returncode == 0
+    assert invoke_cli(*base).returncode == 0
     first = records(out)
     # Nothing to do: every image skipped, no model built.
-    r = run_cli(*base)
+    r = invoke_cli(*base)
     assert r.returncode == 0 and "0 to process, 3 already done" in r.stderr
     assert "built seg" not in r.stderr
     assert records(out) == first
     # A changed image is processed again; the others are not.
     (d / "1.jpg").write_bytes(jpeg_bytes(photo(50, 70, 99)))
-    r = run_cli(*base)
+    r = invoke_cli(*base)
     assert "1 to process, 2 already done" in r.stderr
     after = records(out)
     assert after["0.jpg"] == first["0.jpg"] and after["1.jpg"]["sha256"] != first["1.jpg"]["sha256"]
     # Changed weights: everything again.
     kit.add("seg", seed=5)
     manifest = kit.write()
-    r = run_cli(*base)
+    r = invoke_cli(*base)
     assert "3 to process, 0 already done" in r.stderr
     sha = yaml.safe_load(manifest.read_text())["models"]["seg"]["sha256"]
     assert {rec["models"]["seg"]["weights_sha256"] for rec in records(out).values()} == {sha}
     # --overwrite redoes all; scores never hold duplicates.
-    r = run_cli(*base, "--overwrite")
+    r = invoke_cli(*base, "--overwrite")
     assert "3 to process" in r.stderr
     rows = (out / "scores.jsonl").read_text().splitlines()
     assert len(rows) == 3 and len(set(rows)) == 3
@@ -347,7 +347,7 @@ def test_second_run_exits_5_naming_the_pid_and_lock_dies_with_the_process(manife
         d.mkdir()
         (d / "a.jpg").write_bytes(jpeg_bytes(photo(30, 30)))
         started = time.monotonic()
-        r = run_cli("run", str(d), "-m", str(manifest), "-o", str(out))
+        r = invoke_cli("run", str(d), "-m", str(manifest), "-o", str(out))
         assert r.returncode == 5, r.stderr
         assert f"PID {holder.pid}" in r.stderr
         assert time.monotonic() - started < 30
@@ -392,7 +392,7 @@ def test_output_not_writable_exits_4(manifest, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     (d / "a.jpg").write_bytes(jpeg_bytes(photo(30, 30)))
-    r = run_cli("run", str(d), "-m", str(manifest), "-o", "/dev/null/out")
+    r = invoke_cli("run", str(d), "-m", str(manifest), "-o", "/dev/null/out")
     assert r.returncode == 4, r.stderr
     assert "/dev/null/out" in r.stderr and "not writable" in r.stderr
     assert "Traceback" not in r.stderr
@@ -410,7 +410,7 @@ def test_disk_full_exits_4_and_keeps_earlier_outputs(manifest, tmp_path):
     d.mkdir()
     (d / "small.jpg").write_bytes(jpeg_bytes(photo(30, 40)))
     out = tmp_path / "out"
-    assert run_cli("run", str(d), "-m", str(manifest), "-o", str(out)).returncode == 0
+    assert invoke_cli("run", str(d), "-m", str(manifest), "-o", str(out)).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".legitseg.lock"}
     (d / "big.png").write_bytes(cv2.imencode(".png", photo(900, 1200, 3))[1].tobytes())
     # Files may grow to 60 kB: the big image's probability map cannot be written (EFBIG, like ENOSPC).
@@ -476,7 +476,7 @@ def test_two_clean_cpu_runs_write_byte_identical_masks(manifest, tmp_path):
     outs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
-        assert run_cli("run", str(d), "-m", str(manifest), "-o", str(out)).returncode == 0
+        assert invoke_cli("run", str(d), "-m", str(manifest), "-o", str(out)).returncode == 0
         outs.append(out)
     masks = sorted(p.relative_to(outs[0]) for p in (outs[0] / "masks").rglob("*.png"))
     assert len(masks) == 4

@@ -5,7 +5,7 @@ import json
 import cv2
 import numpy as np
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli as run_cli
 
 
 def test_run_writes_mask_record_and_scores(kit, tmp_path):
