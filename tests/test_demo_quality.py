@@ -14,9 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,17 +84,11 @@ def ground_truth_grades() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def cli_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "legitseg", "run", "examples/images", "-m", "models.yaml", "-o", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    """`legitseg run examples/images -m models.yaml` as `make demo` runs it (shared with the
+    evaluate and report tests)."""
+    from tests.conftest_demo import run_demo
+
+    return run_demo(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
