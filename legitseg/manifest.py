@@ -39,7 +39,7 @@ FORBIDDEN_ARCH_PARAMS = {
     "in_channels": "it is set by the manifest field 'in_channels'",
     "classes": "it is set by the manifest field 'classes'",
     "arch": "it is set by the manifest field 'arch'",
-    "activation": "legitseg applies the activation itself (SPEC 4.3)",
+    "activation": "legitseg applies the activation itself (sigmoid or softmax after resizing)",
     "aux_params": "legitseg reads only the mask output; to load weights trained with aux_params, "
                   "set ignore_keys: ['classification_head.*']",
 }

@@ -101,7 +101,7 @@ FIELD_REFUSALS = [
      "model 'lesion', field 'arch_params': arch_params.encoder_name is not allowed: it is set by the manifest field 'encoder'"),
     ("arch_params.activation", {"arch_params": {"activation": "sigmoid"}},
      "model 'lesion', field 'arch_params': arch_params.activation is not allowed: "
-     "legitseg applies the activation itself (SPEC 4.3)"),
+     "legitseg applies the activation itself (sigmoid or softmax after resizing)"),
     ("arch_params.aux_params", {"arch_params": {"aux_params": {"classes": 2}}},
      "model 'lesion', field 'arch_params': arch_params.aux_params is not allowed: "
      "legitseg reads only the mask output; to load weights trained with aux_params, "
