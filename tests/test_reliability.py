@@ -366,7 +366,7 @@ def test_second_run_exits_5_naming_the_pid_and_lock_dies_with_the_process(manife
 def test_signal_stops_cleanly(manifest, tmp_path, sig, code):
     import psutil
 
-    d = jpeg_folder(tmp_path, 60, 480, 640)
+    d = jpeg_folder(tmp_path, 60, 240, 320)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "legitseg", "run", str(d), "-m", str(manifest), "-o", str(out),
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,6 @@ run records it and goes on.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
+from legitseg.fsio import sha256_bytes  # noqa: F401 - re-exported for the readers of images
 from legitseg.pipeline.containers import heif_header, jpeg_end, png_end
 from legitseg.pipeline.geometry import letterbox_size
 from legitseg.pipeline.sources import Source
@@ -110,10 +110,6 @@ def read_bytes(path: Path) -> bytes:
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _pillow_header(data: bytes) -> tuple[str, int, int]:
