@@ -31,7 +31,7 @@ python:
 
 test: install $(RAY_STAMP)
 	@$(SHELL) tools/ensure_chromium.sh
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: install
 	$(BIN)/ruff check legitseg tests tools benchmarks
