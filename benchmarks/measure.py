@@ -323,13 +323,14 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
 
 # -- legitseg's own steps, one image at a time --------------------------------------------------
 def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, device: torch.device,
-                    precision: str, warmup: int = 1) -> dict[str, float]:
-    """Mean ms per image of each step of legitseg's pipeline, run serially with its own functions.
+                    precision: str, warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean wall ms and CPU ms per image of each step of legitseg's pipeline, run serially.
 
     read+hash, header check, decode, resize (prepare), forward (normalise included),
     postprocess (upsample, activation, mask, areas, components), PNG encode, and the
     atomic writes (mask + record, each fsync'ed). The engine overlaps these stages;
-    this says what each one costs.
+    this says what each one costs. CPU ms is the process's CPU time (every thread) during
+    the step: what the step takes from the cores the other stages share.
     """
     from legitseg.factory import load_model
     from legitseg.fsio import atomic_write, sha256_bytes
@@ -350,39 +351,50 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     shutil.rmtree(out, ignore_errors=True)
     stages = dict.fromkeys(("read+hash", "header", "decode", "resize", "forward", "postprocess",
                             "png encode", "write+fsync"), 0.0)
+    cpu = dict(stages)
     n = 0
     for i, path in enumerate(files):
         if i == warmup:
-            stages = dict.fromkeys(stages, 0.0)
-        t = [time.perf_counter()]
+            stages, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
+        t, c = [time.perf_counter()], [time.process_time()]
         data = read_bytes(path)
         digest = sha256_bytes(data)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         fmt = check_header(data, DEFAULT_MAX_PIXELS)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         rgb = decode_rgb(data, fmt)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         arr = prepare(rgb, runner.prep)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         logits = runner.logits([arr])
         if device.type == "cpu":
             logits = logits.cpu()
         sync(device)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         if spec.task == "severity":
             result = postprocess.severity(logits[0], spec)
             png = None
         else:
             result = postprocess.segmentation(logits[0], rgb.shape[:2], spec, False)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         if spec.task != "severity":
             png = encode_png(result.mask)
         t.append(time.perf_counter())
+        c.append(time.process_time())
         if png is not None:
             atomic_write(out / "masks" / f"{path.name}.png", png)
         atomic_write(record_path(out, path.name), json.dumps({"image": str(path), "sha256": digest}).encode())
         t.append(time.perf_counter())
-        for key, a, b in zip(stages, t[:-1], t[1:], strict=True):
+        c.append(time.process_time())
+        for key, a, b, ca, cb in zip(stages, t[:-1], t[1:], c[:-1], c[1:], strict=True):
             stages[key] += b - a
+            cpu[key] += cb - ca
         n += i >= warmup
-    return {k: 1000 * v / max(n, 1) for k, v in stages.items()}
+    return ({k: 1000 * v / max(n, 1) for k, v in stages.items()},
+            {k: 1000 * v / max(n, 1) for k, v in cpu.items()})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from legitseg.manifest import ModelSpec
-from legitseg.pipeline.postprocess import segmentation, severity
+from legitseg.pipeline.postprocess import segmentation, severity, sigmoid_cutoff, upsample
 
 TINY = "tu-test_resnet.r160_in1k"
 
@@ -42,6 +42,41 @@ def test_binary_mask_is_sigmoid_above_threshold():
     np.testing.assert_allclose(r.probabilities[0], sigmoid(values), atol=5e-4)
     assert r.area_fraction == {"lesion": pytest.approx(4 / 6)}
     assert r.components == {"lesion": 1}
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.9, 1e-4, 0.9999])
+def test_the_logit_cutoff_gives_the_sigmoid_threshold_mask_near_the_boundary(threshold):
+    # The mask is `logits > cutoff`; it must equal `sigmoid(logits) > threshold` as torch computes
+    # it, also for the float32 values right at the boundary, where float64 math would disagree.
+    cut = torch.tensor(sigmoid_cutoff(threshold), dtype=torch.float32)
+    near = [cut]
+    for _ in range(300):
+        near.append(torch.nextafter(near[-1], torch.tensor(-math.inf)))
+    up = [cut]
+    for _ in range(300):
+        up.append(torch.nextafter(up[-1], torch.tensor(math.inf)))
+    wide = torch.linspace(logit(threshold) - 0.01, logit(threshold) + 0.01, 4001)
+    x = torch.cat([torch.stack(near), torch.stack(up), wide, torch.randn(4000) * 5]).float()
+    want = (torch.sigmoid(x) > threshold).to(torch.uint8)
+    side = int(math.isqrt(x.numel())) + 1
+    grid = torch.full((side * side,), -50.0)
+    grid[: x.numel()] = x
+    r = segmentation(grid.view(1, side, side), (side, side), spec(threshold=threshold), False)
+    assert r.mask.ravel()[: x.numel()].tolist() == want.tolist()
+    assert 0 < want.sum() < x.numel()
+
+
+def test_the_cpu_upsample_matches_torch_bilinear_within_1e_4():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 24, 40, generator=g) * 4
+    ours = upsample(logits, (301, 499))
+    ref = torch.nn.functional.interpolate(logits[None], size=(301, 499), mode="bilinear", align_corners=False)[0]
+    assert ours.shape == ref.shape
+    assert float((ours - ref).abs().max()) < 1e-4
+    # ...and downsizing too (tile and letterbox maps can be larger than the picture).
+    small = upsample(logits, (7, 9))
+    ref = torch.nn.functional.interpolate(logits[None], size=(7, 9), mode="bilinear", align_corners=False)[0]
+    assert float((small - ref).abs().max()) < 1e-4
 
 
 def test_a_probability_equal_to_the_threshold_is_background():
