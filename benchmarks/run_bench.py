@@ -74,7 +74,7 @@ def make_mode(args: argparse.Namespace) -> Mode:
                     (1024, 768), (4000, 3000), 12, 8, 0, 128, 32, [1, 4], [1, 8, 16, 32], 1.0, {}, 4)
     else:
         mode = Mode("full", workload.PRODUCTION, "dlv3p_b2_384", "dlv3p_b2_512", "severity_b2_384",
-                    ["dlv3p_b2_512", "unet_r101_512"], (1024, 768), (4000, 3000), 32, 12, 12, 512, 64,
+                    ["dlv3p_b2_512", "unet_r101_512"], (1024, 768), (4000, 3000), 32, 24, 12, 512, 64,
                     [1, 2, 4, 8], [1, 2, 4, 8, 16, 32], 3.0, {"unet_r101_512": [1, 2, 4]}, 8)
     for attr in ("n", "n_large", "n_heavy", "n_gpu", "n_gpu_large", "min_time"):
         value = getattr(args, attr)

@@ -87,15 +87,18 @@ class Counting:
         return self.runner.logits(arrays)
 
 
-def test_views_of_a_batch_go_through_one_forward_call(setup):
+def test_views_go_through_forward_calls_no_larger_than_the_batch(setup):
     _, manifest, files = setup
     mode = runners(manifest, "multi")["torch"]
     counting = Counting(mode.members[0])
     mode.members = [counting]
     arrays = [prepare(decoded(f), mode.prep) for f in files]
     out = mode.logits(arrays)
-    assert counting.calls == [2 * 4]  # 2 images x (identity + hflip, vflip, rot180)
+    assert counting.calls == [2, 2, 2, 2]  # 2 images x (identity + hflip, vflip, rot180), 2 at a time
     assert len(out) == 2
+    counting.calls.clear()
+    assert len(mode.logits(arrays[:1])) == 1
+    assert counting.calls == [1, 1, 1, 1]
 
 
 def _write(root: Path, body: dict) -> Path:
