@@ -322,7 +322,8 @@ class Bench:
         if overlay:
             self.row("large images --overlay", [mode.primary], mode.large, mode.n_large, cpu, "fp32",
                      extra=["--overlay"])
-        self.row("two models", [mode.primary, mode.expert], mode.small, mode.n, cpu, "fp32")
+        if mode.name != "tiny":  # tests/test_bench_smoke.py runs the two-model loop and bound in process
+            self.row("two models", [mode.primary, mode.expert], mode.small, mode.n, cpu, "fp32")
         if self.onnx:
             self.row("single model onnxruntime", [mode.primary], mode.small, mode.n, cpu, "fp32",
                      backend="onnxruntime")

@@ -41,44 +41,48 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def local_out(tmp_path_factory):
+def images(tmp_path_factory) -> Path:
+    """The demo's 12 images and one that fails to decode (last, so that batches match the demo's)."""
+    folder = tmp_path_factory.mktemp("in")
+    for p in (REPO / "examples" / "images").iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "zz_bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    return folder
+
+
+def _run(images: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["run", str(images), *DEMO[2:], "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def local_out(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    r = CliRunner().invoke(app, [*DEMO, "-o", str(out)])
-    assert r.exit_code == 0, r.output
+    r = _run(images, out)
+    assert r.exit_code == 1, r.output  # zz_bad.jpg
     return out
 
 
 @needs_ray
 @pytest.mark.slow
-def test_ray_engine_matches_the_local_engine_and_resumes(cluster, local_out, tmp_path):
+def test_ray_engine_matches_the_local_engine_fails_a_bad_image_alone_and_resumes(cluster, images, local_out,
+                                                                                  tmp_path):
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, [*DEMO, "-o", str(out), "--engine", "ray", "--jsonl"])
-    assert r.exit_code == 0, r.output
+    r = _run(images, out, "--engine", "ray", "--jsonl")
+    assert r.exit_code == 1, r.output  # zz_bad.jpg failed, every other image done
     stdout_rows = [json.loads(line) for line in r.stdout.splitlines()]  # nothing but JSON on stdout
-    assert len(stdout_rows) == 36 and all(row["computed"] for row in stdout_rows)
+    assert len(stdout_rows) == 39 and all(row["computed"] for row in stdout_rows)
     assert _masks(out) == _masks(local_out) and len(_masks(out)) == 24  # byte-identical
-    assert _rows(out) == _rows(local_out)  # same scores, areas, grades
-    run = json.loads((out / "run.json").read_text())
-    assert run["engine"] == "ray" and run["counts"]["processed"] == 12
-    # Resume: nothing to do, so no model is built and the cluster is not used.
-    r = CliRunner().invoke(app, [*DEMO, "-o", str(out), "--engine", "ray"])
-    assert r.exit_code == 0 and "0 to process, 12 already done" in r.output
-
-
-@needs_ray
-def test_ray_engine_records_a_bad_image_as_failed_with_exit_1(cluster, tmp_path):
-    images = tmp_path / "in"
-    images.mkdir()
-    (images / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
-    (images / "good.png").write_bytes((REPO / "examples" / "images" / "case04.png").read_bytes())
-    out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["run", str(images), "-m", str(REPO / "models.yaml"), "-o", str(out),
-                                 "--backend", "torch", "--engine", "ray", "--models", "severity_classifier"])
-    assert r.exit_code == 1, r.output
-    bad = json.loads((out / "records" / "bad.jpg.json").read_text())
-    good = json.loads((out / "records" / "good.png.json").read_text())
-    assert bad["status"] == "failed" and bad["models"]["severity_classifier"]["error_kind"] == "image"
+    assert _rows(out) == _rows(local_out)  # same scores, areas, grades, and the same failure
+    bad = json.loads((out / "records" / "zz_bad.jpg.json").read_text())
+    assert bad["status"] == "failed"
+    assert {m["error_kind"] for m in bad["models"].values()} == {"image"}
+    good = json.loads((out / "records" / "case04.png.json").read_text())
     assert good["status"] == "ok" and isinstance(good["models"]["severity_classifier"]["score"], float)
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"] == "ray" and run["counts"]["processed"] == 12 and run["counts"]["failed"] == 1
+    # Resume: nothing to do, so no model is built and the cluster is not used.
+    r = _run(images, out, "--engine", "ray")
+    assert "0 to process, 13 already done" in r.output, r.output
 
 
 def test_engine_ray_without_ray_exits_2_naming_the_extra(monkeypatch, tmp_path):

@@ -166,7 +166,6 @@ def runs(world: World) -> Iterator[dict[str, Launched]]:
     common = (str(w.images), "--save-probabilities", "--jsonl", "--backend", "torch")
     launched = {
         "bs7w2": run("bs7w2", *common, "--batch-size", "7", "--workers", "2"),
-        "bad": run("bad", str(w.bad), "--models", "lesion", "--jsonl", "--backend", "torch"),
     }
     stdin_out = w.root / "out-stdin"
     pipeline = (f"find {q(str(w.images))} -name '*.jpg' | tee {q(str(w.root / 'stdin-list.txt'))}"
@@ -175,6 +174,7 @@ def runs(world: World) -> Iterator[dict[str, Launched]]:
     launched["stdin"] = Launched(["bash", "-c", f"set -o pipefail; {pipeline}"],
                                  w.root / "logs" / "stdin", stdin_out)
     # Batch size and decode workers need no process of their own: run here while the others run.
+    launched["bad"] = run("bad", str(w.bad), "--models", "lesion", "--jsonl", "--backend", "torch", kind=InProcess)
     launched["bs1w2"] = run("bs1w2", *common, "--batch-size", "1", "--workers", "2", kind=InProcess)
     launched["bs7w0"] = run("bs7w0", *common, "--batch-size", "7", "--workers", "0", kind=InProcess)
     yield launched

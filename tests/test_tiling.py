@@ -53,7 +53,8 @@ def setup(tmp_path_factory):
     kit.add("whole", resize="pad", **common)
     kit.add("gauss", resize="tile", tile_size=64, overlap=0.5, **common)
     kit.add("flat", resize="tile", tile_size=64, overlap=0.5, blend="constant", **common)
-    kit.add("multi", resize="tile", tile_size=[64, 96], overlap=0.25, classes=3, seed=6, tta=["hflip"])
+    kit.add("multi", resize="tile", tile_size=[64, 96], overlap=0.25, classes=3, seed=6, tta=["hflip"],
+            arch_params=SHALLOW)
     return kit, kit.write(), photos(root / "img", [(160, 224), (40, 150), (97, 130)])
 
 

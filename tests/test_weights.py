@@ -22,7 +22,7 @@ from legitseg.weights import (
     sha256_file,
     verify_sha256,
 )
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 def small_state() -> dict[str, torch.Tensor]:
@@ -166,7 +166,8 @@ class _RunsCode:
 
 
 def test_pickles_that_would_run_code_are_refused_and_never_run(tmp_path):
-    """Through the real CLI: both files are pinned by their true sha256, yet nothing runs."""
+    """Through the CLI (in this process, so a payload that ran would write the marker here): both
+    files are pinned by their true sha256, yet nothing runs."""
     marker = tmp_path / "MARKER"
     zip_ckpt = tmp_path / "weights" / "zip.pt"  # torch.save's zip format, payload beside real tensors
     raw_ckpt = tmp_path / "weights" / "raw.pth"  # a plain pickle stream (legacy format)
@@ -181,7 +182,7 @@ def test_pickles_that_would_run_code_are_refused_and_never_run(tmp_path):
     manifest = tmp_path / "models.yaml"
     manifest.write_text(yaml.safe_dump({"version": 1, "models": models}))
 
-    r = run_cli("models", "check", "-m", str(manifest), cwd=tmp_path, env={"COLUMNS": "3000"})
+    r = invoke_cli("models", "check", "-m", str(manifest), cwd=tmp_path, env={"COLUMNS": "3000"})
 
     assert r.returncode == EXIT_INTEGRITY, r.stdout + r.stderr
     assert not marker.exists()
