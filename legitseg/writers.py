@@ -68,8 +68,13 @@ def record_path(out: Path, name: str) -> Path:
     return out / RECORDS / f"{name}.json"
 
 
+# No PNG row filter: masks are label maps, where OpenCV's default (SUB) predicts nothing. Measured
+# on 4000x3000 masks: 36 instead of 48 ms and 20% smaller files, same pixels (docs/benchmarks.md).
+PNG_PARAMS = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+
+
 def encode_png(mask: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", mask)
+    ok, buf = cv2.imencode(".png", mask, PNG_PARAMS)
     if not ok:
         raise RuntimeFailure(f"OpenCV could not encode a {mask.dtype} mask of shape {mask.shape} as PNG")
     return buf.tobytes()

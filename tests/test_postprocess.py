@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from legitseg.manifest import ModelSpec
-from legitseg.pipeline.postprocess import segmentation, severity, sigmoid_cutoff, upsample
+from legitseg.pipeline.postprocess import argmax_planes, segmentation, severity, sigmoid_cutoff, upsample
 
 TINY = "tu-test_resnet.r160_in1k"
 
@@ -64,6 +64,20 @@ def test_the_logit_cutoff_gives_the_sigmoid_threshold_mask_near_the_boundary(thr
     r = segmentation(grid.view(1, side, side), (side, side), spec(threshold=threshold), False)
     assert r.mask.ravel()[: x.numel()].tolist() == want.tolist()
     assert 0 < want.sum() < x.numel()
+
+
+def test_argmax_planes_is_the_argmax_of_the_softmax_ties_and_nans_included():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (4, 50, 60), generator=g).float()  # small integers: many ties
+    x[2, 0, :5] = math.nan  # a NaN logit makes the whole softmax NaN: argmax 0
+    x[0, 1, :5] = math.nan
+    want = torch.softmax(x, dim=0).argmax(dim=0)
+    got = argmax_planes(x.numpy())
+    assert got.dtype == np.uint8 and got.tolist() == want.tolist()
+    assert got[0, :5].tolist() == [0] * 5 and got[1, :5].tolist() == [0] * 5
+    many = torch.randn(300, 4, 5, generator=g)
+    got = argmax_planes(many.numpy())
+    assert got.dtype == np.uint16 and got.tolist() == many.argmax(dim=0).tolist()
 
 
 def test_the_cpu_upsample_matches_torch_bilinear_within_1e_4():

@@ -53,11 +53,14 @@ def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
             up = logits
         else:
             up = upsample(logits, size)
-        if spec.classes == 1:
-            mask_t = (up[0] > sigmoid_cutoff(spec.threshold)).view(torch.uint8)
+        if up.device.type == "cpu":  # numpy: no OpenMP team from a pool thread, and a fast argmax
+            planes = up.numpy()
+            mask = (np.greater(planes[0], sigmoid_cutoff(spec.threshold)).view(np.uint8) if spec.classes == 1
+                    else argmax_planes(planes))
+        elif spec.classes == 1:
+            mask = (up[0] > sigmoid_cutoff(spec.threshold)).view(torch.uint8).cpu().numpy()
         else:
-            mask_t = up.argmax(dim=0).to(torch.uint8 if spec.classes <= 256 else torch.int32)
-        mask = mask_t.cpu().numpy()
+            mask = up.argmax(dim=0).to(torch.uint8 if spec.classes <= 256 else torch.int32).cpu().numpy()
         probs = None
         if keep_probabilities:
             prob = activation_(up, spec) if up is logits else activation(up, spec, dim=0)
@@ -122,6 +125,23 @@ def sigmoid_cutoff(threshold: float) -> float:
         else:
             lo = mid
     return float(torch.tensor([bits(lo)], dtype=torch.int32).view(torch.float32))
+
+
+def argmax_planes(planes: np.ndarray) -> np.ndarray:
+    """Index of the largest of C planes (C, H, W) per pixel, the first on ties; 0 where any is NaN.
+
+    What `torch.argmax(softmax(x), 0)` gives (a NaN logit makes every probability NaN, and
+    argmax over NaNs is 0), one plane at a time: on the CPU torch's argmax over the first
+    dimension took 1.2 s for 3 x 4000 x 3000, this 0.17 s. uint8 up to 256 classes, else uint16.
+    """
+    best = planes[0].copy()
+    index = np.zeros(planes.shape[1:], np.uint8 if planes.shape[0] <= 256 else np.uint16)
+    for c in range(1, planes.shape[0]):
+        above = np.greater(planes[c], best)
+        index[above] = c
+        np.maximum(best, planes[c], out=best)  # NaN spreads: best is NaN where any plane is
+    index[np.isnan(best)] = 0
+    return index
 
 
 def count_components(mask: np.ndarray, label: int, binary: bool = False) -> int:
