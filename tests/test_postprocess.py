@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from legitseg.manifest import ModelSpec
-from legitseg.pipeline.postprocess import argmax_planes, segmentation, severity, sigmoid_cutoff, upsample
+from legitseg.pipeline.postprocess import (
+    argmax_planes,
+    segmentation,
+    severity,
+    sigmoid_cutoff,
+    upsample,
+)
 
 TINY = "tu-test_resnet.r160_in1k"
 
