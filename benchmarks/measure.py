@@ -357,41 +357,38 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         if i == warmup:
             stages, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
         t, c = [time.perf_counter()], [time.process_time()]
+
+        def mark(t: list[float] = t, c: list[float] = c) -> None:  # the end of one step: wall and CPU clocks
+            t.append(time.perf_counter())
+            c.append(time.process_time())
+
         data = read_bytes(path)
         digest = sha256_bytes(data)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         fmt = check_header(data, DEFAULT_MAX_PIXELS)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         rgb = decode_rgb(data, fmt)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         arr = prepare(rgb, runner.prep)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         logits = runner.logits([arr])
         if device.type == "cpu":
             logits = logits.cpu()
         sync(device)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         if spec.task == "severity":
             result = postprocess.severity(logits[0], spec)
             png = None
         else:
             result = postprocess.segmentation(logits[0], rgb.shape[:2], spec, False)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         if spec.task != "severity":
             png = encode_png(result.mask)
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         if png is not None:
             atomic_write(out / "masks" / f"{path.name}.png", png)
         atomic_write(record_path(out, path.name), json.dumps({"image": str(path), "sha256": digest}).encode())
-        t.append(time.perf_counter())
-        c.append(time.process_time())
+        mark()
         for key, a, b, ca, cb in zip(stages, t[:-1], t[1:], c[:-1], c[1:], strict=True):
             stages[key] += b - a
             cpu[key] += cb - ca

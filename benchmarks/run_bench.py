@@ -88,11 +88,6 @@ def make_mode(args: argparse.Namespace) -> Mode:
     return mode
 
 
-def c_device(row: dict) -> torch.device:
-    """The torch device a row ran on (its "device" cell starts with it)."""
-    return torch.device(row["device"].split()[0])
-
-
 class Bench:
     """Runs the rows and keeps every result, keyed so that shared measurements run once."""
 
@@ -214,7 +209,6 @@ class Bench:
             return None
         row = {
             "row": label,
-            "names": names,
             "models": " + ".join(self.mode.models[x].label for x in names),
             "images": f"{n} x {size[0]}x{size[1]}",
             "device": f"{device} {precision} {backend}",
@@ -236,14 +230,14 @@ class Bench:
         if set(c.backends.values()) != {backend}:
             row["targets"] = f"backend used: {c.backends}"
         if targets:
-            row["targets"] = self.check(label, row, c, c2, targets)
+            row["targets"] = self.check(label, row, c, c2, targets, names, device)
         self.rows.append(row)
         self.say(f"    {label}: (a) {a:.2f}  (b) {b_rate or 0:.2f}  (c) {c.steady_img_s:.2f} img/s, "
                  f"start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB")
         return row
 
     def check(self, label: str, row: dict, c: measure.RunResult, c2: measure.RunResult | None,
-              targets: dict) -> str:
+              targets: dict, names: list[str], device: torch.device) -> str:
         marks = []
 
         def verdict(what: str, ok: bool, value: str) -> None:
@@ -258,8 +252,7 @@ class Bench:
             verdict(f"(c)/(b) >= {t}", row["c_over_b"] >= t, f"{row['c_over_b']:.2f}")
         if "c_over_torch_a" in targets:
             t = targets["c_over_torch_a"]
-            names = row["names"]
-            torch_a = measure.combined_rate([self.bound(n, c_device(row), "fp32").best[2] for n in names])
+            torch_a = measure.combined_rate([self.bound(n, device, "fp32").best[2] for n in names])
             ratio = row["legitseg_img_s"] / torch_a
             verdict(f"(c)/(a torch fp32) >= {t}", ratio >= t, f"{ratio:.2f} (a torch = {torch_a:.2f} img/s)")
         if "startup_s" in targets:

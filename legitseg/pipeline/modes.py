@@ -148,10 +148,11 @@ class ModeRunner:
         groups: dict[tuple, list[int]] = {}
         for k, x in enumerate(inputs):
             groups.setdefault(self.batch_key(x), []).append(k)
+        chunk = max(1, chunk)
         for member in self.members:
             for group in groups.values():
-                for start in range(0, len(group), max(1, chunk)):
-                    idx = group[start:start + max(1, chunk)]
+                for start in range(0, len(group), chunk):
+                    idx = group[start:start + chunk]
                     out = member.logits([inputs[k] for k in idx])
                     for j, k in enumerate(idx):
                         yield k, self._crop(out[j], inputs[k].shape[:2])
