@@ -61,8 +61,8 @@ def _load(source: Source, preps: list[Prep], max_pixels: int) -> DecodedImage | 
     # The local engine's decode step, with its error handling: any decoder error is this image's.
     from legitseg.pipeline.engine import Engine
 
-    shim = Engine.__new__(Engine)  # _decode reads only these two attributes
-    shim.preps, shim.max_pixels = preps, max_pixels
+    shim = Engine.__new__(Engine)  # _decode reads only these three attributes
+    shim.preps, shim.max_pixels, shim.device_decode = preps, max_pixels, False  # decoded here, on the CPU
     return shim._decode(source)
 
 

@@ -16,6 +16,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -56,7 +57,10 @@ class DecodedImage:
     source: Source
     sha256: str
     size: tuple[int, int]  # oriented (h, w)
-    inputs: dict[Prep, np.ndarray] = field(default_factory=dict)  # HWC uint8 per Prep
+    inputs: dict[Prep, Any] = field(default_factory=dict)  # HWC uint8 array (or CHW device tensor) per Prep
+    # A JPEG left for the GPU to decode (pipeline/device_decode.py): its bytes and EXIF orientation.
+    encoded: Any = None
+    orientation: int = 1
 
 
 def _kind(mode: int) -> str:
@@ -250,12 +254,26 @@ def prepare(rgb: np.ndarray, prep: Prep) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def load_image(source: Source, preps: list[Prep], max_pixels: int) -> DecodedImage:
-    """Read, hash, check, decode and prepare one image. Raises ImageError."""
+def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: bool = False) -> DecodedImage:
+    """Read, hash, check, decode and prepare one image. Raises ImageError.
+
+    `defer_jpeg`: a JPEG the GPU decodes is read, hashed and checked only; its bytes come
+    back in `encoded` for a batched decode on the device (pipeline/device_decode.py).
+    """
     data = read_bytes(source.path)
     digest = sha256_bytes(data)
     try:
         fmt = check_header(data, max_pixels)
+        if defer_jpeg:
+            from legitseg.pipeline import device_decode
+
+            planned = device_decode.plan(data, fmt)
+            if planned is not None:
+                import torch
+
+                size, turn = planned
+                return DecodedImage(source, digest, size, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                    orientation=turn)
         rgb = decode_rgb(data, fmt)
     except ImageError as err:
         # The record keeps the hash of a bad file too.

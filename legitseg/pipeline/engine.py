@@ -14,6 +14,7 @@ import gc
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,17 +22,28 @@ import cv2
 import torch
 
 from legitseg.errors import ImageError, RuntimeFailure
+from legitseg.pipeline import device_decode as device_decode_module
 from legitseg.pipeline import postprocess
-from legitseg.pipeline.decode import DecodedImage, Prep, load_image
+from legitseg.pipeline.decode import DecodedImage, Prep, decode_rgb, load_image, prepared
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.pixels import PixelSource
 from legitseg.pipeline.runners import Runner
 from legitseg.pipeline.sources import Source
+from legitseg.pipeline.transfer import Pending, Transfer
 from legitseg.records import ImageResult, ModelOutput
 
 log = logging.getLogger(__name__)
 # The decoded photograph as it is: `pad` at 3 channels returns the oriented RGB uncopied.
 PHOTO = Prep("pad", None, "linear", 3)
+
+
+@dataclass
+class Deferred:
+    """A result computed on the device whose arrays arrive with the batch's one copy to the host."""
+
+    mask: int  # index in the batch's Transfer (segmentation: the mask; severity: the probabilities)
+    probabilities: int | None = None
+    pending: Pending | None = None  # set once the batch's transfer is launched
 
 
 def _free(device: torch.device) -> None:
@@ -45,7 +57,8 @@ class Engine:
     """Runs Sources through the models; `process` yields ImageResults."""
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
-                 save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False):
+                 save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False,
+                 batched_post: bool | None = None, device_decode: bool | None = None):
         self.runners = runners
         self.batch_size = max(1, batch_size)
         self.workers = workers
@@ -57,16 +70,33 @@ class Engine:
         self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
         # Largest batch known to fit, per model, once a batch ran out of memory.
         self.batch_limit: dict[str, int] = {}
-        # On the GPU postprocessing is cheap and runs on the calling thread; on the CPU it
-        # is the costly part of an image, so it runs in the pool beside the next forward.
-        self.post_on_device = runners[0].device.type == "cuda"
+        # On the GPU the resize to the original size, threshold and activation run on the device
+        # right after the forward pass, and a batch's masks come back in one copy that the
+        # postprocessing pool waits for (docs/architecture.md). On the CPU postprocessing is the
+        # costly part of an image and runs in the pool beside the next forward. `batched_post`
+        # forces the GPU's way on the CPU (tests).
+        device = runners[0].device
+        self.batched_post = device.type == "cuda" if batched_post is None else batched_post
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Images between the forward pass and the sink: two batches on the GPU, so that the next
+        # batch is launched while the last one's results are copied, counted and written.
+        self.depth = 2 * max(self.post_threads, self.batch_size if self.batched_post else 0)
+        # JPEGs decoded on the GPU in batches, when every model takes a plain input the device can
+        # make (pipeline/device_decode.py); `device_decode=True` forces it on the CPU (tests).
+        if device_decode is None:
+            from legitseg.pipeline.infer import TorchRunner
+
+            device_decode = (device.type == "cuda" and not keep_rgb and device_decode_module.enabled()
+                             and device_decode_module.supports(self.preps)
+                             and all(type(r) is TorchRunner for r in runners))
+        self.device_decode = device_decode
 
     # -- stage 1: decode ---------------------------------------------------------------
     def _decode(self, source: Source) -> DecodedImage | ImageError:
         try:
             if isinstance(source, PixelSource):  # pixels given in memory (the Python API)
                 return source.load(self.preps, self.max_pixels)
-            return load_image(source, self.preps, self.max_pixels)
+            return load_image(source, self.preps, self.max_pixels, defer_jpeg=self.device_decode)
         except ImageError as err:
             return err
         except Exception as err:  # noqa: BLE001 - one image must never stop the run
@@ -100,6 +130,39 @@ class Engine:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _to_device(self, batch: list[DecodedImage | ImageResult]) -> None:
+        """Every decoded image's inputs as CHW uint8 tensors on the device (device decode on).
+
+        The JPEGs left encoded are decoded in one batch on the device, turned upright and
+        resized there; the rest, decoded on the CPU, are uploaded as they are. A JPEG the
+        device decoder refuses is decoded on the CPU; one that fails there too takes its
+        place in `batch` as a failed result.
+        """
+        device = self.runners[0].device
+        deferred = [(k, b) for k, b in enumerate(batch) if isinstance(b, DecodedImage) and b.encoded is not None]
+        images = device_decode_module.decode([b.encoded for _, b in deferred], device) if deferred else []
+        for (k, item), image in zip(deferred, images, strict=True):
+            if image is None:
+                try:
+                    batch[k] = item = prepared(item.source, item.sha256, decode_rgb(item.encoded.numpy().tobytes(), "JPEG"),
+                                               self.preps)
+                except ImageError as err:
+                    batch[k] = self._failed(item.source, ImageError(str(err), sha256=item.sha256))
+                    continue
+                except cv2.error as err:
+                    batch[k] = self._failed(item.source, ImageError(f"OpenCV could not decode it: {err}",
+                                                                   sha256=item.sha256))
+                    continue
+            else:
+                upright = device_decode_module.orient(image, item.orientation)
+                item.inputs = {p: device_decode_module.prepare(upright, p) for p in self.preps}
+                item.encoded = None
+        for item in batch:
+            if isinstance(item, DecodedImage):
+                for p, a in item.inputs.items():
+                    if not isinstance(a, torch.Tensor):
+                        item.inputs[p] = torch.from_numpy(a).to(device).permute(2, 0, 1)
+
     # -- stage 2: forward ----------------------------------------------------------------
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
         """Logits per item (on the device). Same-shape inputs share a batch.
@@ -110,7 +173,7 @@ class Engine:
         """
         groups: dict[tuple, list[int]] = {}
         # A runner that puts inputs on a canvas of its own (letterbox, tiles) batches any shapes.
-        key = getattr(runner, "batch_key", None) or (lambda a: a.shape)
+        key = getattr(runner, "batch_key", None) or (lambda a: (type(a), tuple(a.shape)))
         for i, it in enumerate(items):
             groups.setdefault(key(it.inputs[runner.prep]), []).append(i)
         out: list[ModelOutput] = [ModelOutput()] * len(items)
@@ -144,11 +207,40 @@ class Engine:
                             runner.name, size, size // 2)
         return out
 
+    def _on_device(self, runner: Runner, output: ModelOutput, item: DecodedImage, transfer: Transfer) -> ModelOutput:
+        """Start one result's device half (resize, threshold, activation); its arrays join the batch's copy.
+
+        Out of device memory here, the logits go to the host and are postprocessed there.
+        """
+        spec, logits, oom = runner.loaded.spec, output.logits, False
+        try:
+            if spec.task == "severity":
+                return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec))))
+            mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
+            return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs)))
+        except torch.OutOfMemoryError:
+            oom = True  # handled once the traceback (and what it holds) is released
+        except ValueError as err:
+            return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
+        assert oom
+        _free(runner.device)
+        log.warning("%s: out of memory postprocessing %s on %s; finishing it on the CPU",
+                    runner.name, item.source.display, runner.device)
+        return ModelOutput(logits=logits.cpu())
+
     def _postprocess(self, runner: Runner, output: ModelOutput, item: DecodedImage) -> ModelOutput:
         if output.logits is None:
             return output
         spec = runner.loaded.spec
         try:
+            if isinstance(output.logits, Deferred):
+                d = output.logits
+                assert d.pending is not None
+                if spec.task == "severity":
+                    return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec))
+                probs = None if d.probabilities is None else d.pending.array(d.probabilities)
+                return ModelOutput(result=postprocess.finish_segmentation(d.pending.array(d.mask), probs,
+                                                                          item.size, spec))
             if spec.task == "severity":
                 return ModelOutput(result=postprocess.severity(output.logits, spec))
             return ModelOutput(result=postprocess.segmentation(output.logits, item.size, spec,
@@ -157,7 +249,9 @@ class Engine:
             return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
 
     def _run_batch(self, items: list[DecodedImage]) -> list[dict[str, ModelOutput]]:
+        """Forward passes of every model on a batch; on the GPU returns before the results are on the host."""
         outputs: list[dict[str, ModelOutput]] = [{} for _ in items]
+        transfer = Transfer(self.runners[0].device, self.copy_stream) if self.batched_post else None
         for runner in self.runners:
             try:
                 results = self._forward(runner, items)
@@ -166,11 +260,19 @@ class Engine:
                                      f"{type(err).__name__}: {err}") from err
             for item, per_image, value in zip(items, outputs, results, strict=True):
                 if value.logits is not None:
-                    if self.post_on_device or runner.loaded.spec.task == "severity":
+                    if transfer is not None:
+                        value = self._on_device(runner, value, item, transfer)
+                    elif runner.loaded.spec.task == "severity":
                         value = self._postprocess(runner, value, item)
                     else:
                         value = ModelOutput(logits=value.logits.cpu())
                 per_image[runner.name] = value
+        if transfer is not None:
+            pending = transfer.launch()
+            for per_image in outputs:
+                for value in per_image.values():
+                    if isinstance(value.logits, Deferred):
+                        value.logits.pending = pending
         return outputs
 
     # -- stage 3: finish on the CPU --------------------------------------------------------
@@ -196,7 +298,7 @@ class Engine:
         """
         pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="legitseg-post")
         queued: deque[Future] = deque()
-        max_queued = 2 * self.post_threads
+        max_queued = self.depth
         # Decoded images wait here for a full batch; an image that failed to decode waits in its
         # place too, so results leave in input order.
         batch: list[DecodedImage | ImageResult] = []
@@ -208,8 +310,13 @@ class Engine:
 
         def flush() -> Iterator[ImageResult]:
             nonlocal waiting
+            if self.device_decode:
+                self._to_device(batch)
             decoded = [b for b in batch if isinstance(b, DecodedImage)]
             outputs = iter(self._run_batch(decoded) if decoded else [])
+            if not self.keep_rgb:  # the inputs are done with (on the GPU they hold device memory)
+                for item in decoded:
+                    item.inputs = {}
             for item in batch:
                 if isinstance(item, DecodedImage):
                     queued.append(pool.submit(self._finish, item, next(outputs)))

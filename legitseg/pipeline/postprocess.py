@@ -48,23 +48,49 @@ def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
     is made unless probabilities are kept. Tile mode's logits are made for this call at
     the original size and are used (and activated) in place.
     """
+    if logits.device.type != "cpu":
+        mask_t, probs_t = segmentation_on_device(logits, size, spec, keep_probabilities)
+        return finish_segmentation(mask_t.cpu().numpy(), None if probs_t is None else probs_t.cpu().numpy(),
+                                   size, spec)
     with torch.inference_mode():
-        if spec.resize == "tile" and tuple(logits.shape[-2:]) == tuple(size) and logits.dtype == torch.float32:
-            up = logits
-        else:
-            up = upsample(logits, size)
-        if up.device.type == "cpu":  # numpy: no OpenMP team from a pool thread, and a fast argmax
-            planes = up.numpy()
-            mask = (np.greater(planes[0], sigmoid_cutoff(spec.threshold)).view(np.uint8) if spec.classes == 1
-                    else argmax_planes(planes))
-        elif spec.classes == 1:
-            mask = (up[0] > sigmoid_cutoff(spec.threshold)).view(torch.uint8).cpu().numpy()
-        else:
-            mask = up.argmax(dim=0).to(torch.uint8 if spec.classes <= 256 else torch.int32).cpu().numpy()
+        up = logits if _in_place(logits, size, spec) else upsample(logits, size)
+        # numpy: no OpenMP team from a pool thread, and a fast argmax
+        planes = up.numpy()
+        mask = (np.greater(planes[0], sigmoid_cutoff(spec.threshold)).view(np.uint8) if spec.classes == 1
+                else argmax_planes(planes))
         probs = None
         if keep_probabilities:
             prob = activation_(up, spec) if up is logits else activation(up, spec, dim=0)
-            probs = prob.to(torch.float16).cpu().numpy()
+            probs = prob.to(torch.float16).numpy()
+    return finish_segmentation(mask, probs, size, spec)
+
+
+def _in_place(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec) -> bool:
+    """Tile mode's logits are made at the original size for postprocessing and may be used up."""
+    return spec.resize == "tile" and tuple(logits.shape[-2:]) == tuple(size) and logits.dtype == torch.float32
+
+
+def segmentation_on_device(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
+                           keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The device half of `segmentation` for the GPU: (mask, float16 probabilities or None), both
+    still on the device, so that a whole batch comes back in one copy. Same arithmetic as
+    `segmentation` on a device tensor; `finish_segmentation` does the rest on the host."""
+    with torch.inference_mode():
+        up = logits if _in_place(logits, size, spec) else upsample(logits, size)
+        if spec.classes == 1:
+            mask = (up[0] > sigmoid_cutoff(spec.threshold)).view(torch.uint8)
+        else:
+            mask = up.argmax(dim=0).to(torch.uint8 if spec.classes <= 256 else torch.int32)
+        probs = None
+        if keep_probabilities:
+            prob = activation_(up, spec) if up is logits else activation(up, spec, dim=0)
+            probs = prob.to(torch.float16)
+    return mask, probs
+
+
+def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[int, int],
+                        spec: ModelSpec) -> SegmentationResult:
+    """Areas and regions of a finished mask (H, W) on the host."""
     if mask.dtype == np.int32:
         mask = mask.astype(np.uint16)
     total = size[0] * size[1]
@@ -153,6 +179,18 @@ def count_components(mask: np.ndarray, label: int, binary: bool = False) -> int:
 def severity(logits: torch.Tensor, spec: ModelSpec) -> SeverityResult:
     """One image's logits (classes,) -> probabilities, grade (argmax) and score (expected class value)."""
     with torch.inference_mode():
-        p = activation(logits.float(), spec, dim=0).cpu().double().numpy()
+        p = activation(logits.float(), spec, dim=0).cpu().numpy()
+    return finish_severity(p, spec)
+
+
+def severity_on_device(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """The device half of `severity`: float32 probabilities, still on the device."""
+    with torch.inference_mode():
+        return activation(logits.float(), spec, dim=0)
+
+
+def finish_severity(probabilities: np.ndarray, spec: ModelSpec) -> SeverityResult:
+    """Grade (argmax) and score (expected class value) from float32 probabilities (classes,)."""
+    p = probabilities.astype(np.float64)
     values = np.asarray(spec.values, dtype=np.float64)
     return SeverityResult([float(v) for v in p], int(p.argmax()), float((p * values).sum()))

@@ -85,10 +85,16 @@ class Preprocessor:
         """Stack, move to the device, normalise: (x/255 - mean)/std; on the canvas if any."""
         if self.canvas is not None:
             return self._on_canvas(arrays)
-        batch = torch.from_numpy(np.stack(arrays))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = batch.permute(0, 3, 1, 2).float()
+        if isinstance(arrays[0], torch.Tensor):  # decoded on the device already: CHW uint8
+            x = torch.stack(arrays).float()
+        else:
+            if self.device.type == "cuda":  # stacked straight into page-locked memory, copied async
+                staged = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=True)
+                np.stack(arrays, out=staged.numpy())
+                batch = staged.to(self.device, non_blocking=True)
+            else:
+                batch = torch.from_numpy(np.stack(arrays))
+            x = batch.permute(0, 3, 1, 2).float()
         # (x/255 - m)/s == (x - 255m)/(255s): one subtraction and one division per pixel.
         return ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
