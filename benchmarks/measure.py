@@ -230,6 +230,7 @@ class RunResult:
     workers: int | None
     backends: dict[str, str]
     command: list[str]
+    profile: dict | None = None  # LEGITSEG_PROFILE's JSON: GPU busy share, main-thread CPU, syncs
 
 
 class RunFailed(RuntimeError):
@@ -395,3 +396,56 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         n += i >= warmup
     return ({k: 1000 * v / max(n, 1) for k, v in stages.items()},
             {k: 1000 * v / max(n, 1) for k, v in cpu.items()})
+
+
+# -- ceilings of the stages around the model (for the 12 MP rows) ------------------------------
+def _threaded_rate(work: Callable[[int], object], items: int, threads: int, min_time: float) -> float:
+    """Items per second of `work(i)` for i = 0, 1, ... over a pool of `threads`, for at least `min_time`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(min(items, threads))))  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while True:
+            list(pool.map(work, range(done, done + items)))
+            done += items
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_time:
+                return done / elapsed
+
+
+def decode_ceiling(files: list[Path], threads: int, min_time: float) -> float:
+    """JPEG decode (OpenCV, EXIF applied, to RGB) in `threads` threads, from bytes in memory: img/s."""
+    datas = [p.read_bytes() for p in files]
+
+    def work(i: int) -> None:
+        arr = cv2.imdecode(np.frombuffer(datas[i % len(datas)], np.uint8), cv2.IMREAD_COLOR)
+        cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+    return _threaded_rate(work, len(datas), threads, min_time)
+
+
+def gpu_decode_ceiling(files: list[Path], device: torch.device, batch: int, min_time: float) -> float:
+    """JPEG decode on the GPU (torchvision's nvJPEG path) in batches of `batch`, from bytes in memory: img/s."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
+    batches = [[datas[(k + j) % len(datas)] for j in range(batch)] for k in range(0, len(datas), batch)]
+    state = {"i": 0}
+
+    def call() -> None:
+        decode_jpeg(batches[state["i"] % len(batches)], mode=ImageReadMode.RGB, device=device)
+        state["i"] += 1
+
+    iters, seconds = time_calls(call, device, min_time)
+    return iters * batch / seconds
+
+
+def encode_ceiling(masks: list[np.ndarray], threads: int, min_time: float) -> float:
+    """PNG encoding of the masks as legitseg writes them, in `threads` threads: img/s."""
+    from legitseg.writers import encode_png
+
+    def work(i: int) -> None:
+        encode_png(masks[i % len(masks)])
+
+    return _threaded_rate(work, len(masks), threads, min_time)

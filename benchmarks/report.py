@@ -121,6 +121,23 @@ FORWARD_HEADER = ["model", "device / precision / backend", "threads", "best img/
                   "all (img/s by batch)"]
 
 
+PROFILE_HEADER = ["row", "batches", "GPU busy share", "main-thread CPU share", "device syncs per batch",
+                  "process CPU s per image"]
+CEILING_HEADER = ["row", "threads", "forward bound (a)", "JPEG decode, OpenCV", "JPEG decode, GPU (nvJPEG)",
+                  "PNG encode of the masks", "smallest", "(c)", "(c)/smallest"]
+
+
+def profile_cells(row: dict[str, Any]) -> list[str]:
+    p = row["profile"]
+    return [row["row"], _fmt(p.get("batches")), _fmt(p.get("gpu_busy_share")), _fmt(p.get("main_thread_cpu_share")),
+            _fmt(p.get("syncs_per_batch")), _fmt(p.get("process_cpu_s_per_image"), 3)]
+
+
+def ceiling_cells(c: dict[str, Any]) -> list[str]:
+    return [c["row"], str(c["threads"]), _fmt(c["forward"]), _fmt(c["decode_cpu"]), _fmt(c.get("decode_gpu")),
+            _fmt(c["encode"]), _fmt(c["smallest"]), _fmt(c["legitseg"]), _fmt(c["ratio"])]
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
@@ -182,6 +199,15 @@ def render(results: dict[str, Any], markdown: bool) -> str:
         parts.append(("\n### " if markdown else "\n== ") + "Where one image's time goes (serial, ms per image)"
                      + ("" if markdown else " =="))
         parts.append(table(*stage_rows(results["stages"])))
+    profiled = [r for r in results["rows"] if r.get("profile")]
+    if profiled:
+        parts.append(("\n### " if markdown else "\n== ") + "Where the time of a legitseg run goes (whole engine, "
+                     "LEGITSEG_PROFILE)" + ("" if markdown else " =="))
+        parts.append(table(PROFILE_HEADER, [profile_cells(r) for r in profiled]))
+    if results.get("ceilings"):
+        parts.append(("\n### " if markdown else "\n== ") + "Ceilings of the stages around the model (img/s)"
+                     + ("" if markdown else " =="))
+        parts.append(table(CEILING_HEADER, [ceiling_cells(c) for c in results["ceilings"]]))
     if results["not_measured"]:
         parts.append(("\n### " if markdown else "\n== ") + "Not measured" + ("" if markdown else " =="))
         parts.append("\n".join(f"- {line}" for line in results["not_measured"]))

@@ -85,6 +85,7 @@ class _Settings:
     workers: int = 1
     writers: int | None = None
     math: dict[str, Any] = field(default_factory=dict)
+    jpeg_decoder: str | None = None
 
 
 def new_run_id(started_at: float) -> str:
@@ -255,7 +256,10 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
         from legitseg.pipeline.engine import Engine
 
         engine = Engine(runners, keep_rgb=cfg.overlay, **options)
-    sink = Sink(cfg.out, infos, run_id, writers,
+    settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
+    # On the GPU a whole batch of results arrives at once: the writers' queue holds two.
+    depth = 2 * max(writers, settings.batch_size or 1) if getattr(engine, "batched_post", False) else None
+    sink = Sink(cfg.out, infos, run_id, writers, depth=depth,
                 overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None)
     from legitseg.provenance import math_mode as effective_math
 
@@ -295,6 +299,7 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             "workers": settings.workers,
             "precision": cfg.precision,
             "math": settings.math,
+            "jpeg_decoder": settings.jpeg_decoder,
             "arguments": {**cfg.arguments(), "command": command_line()},
             "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
             "models": models,

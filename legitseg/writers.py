@@ -185,11 +185,12 @@ class Sink:
     the previous record of the same image bytes)."""
 
     def __init__(self, out: Path, models: list[ModelInfo], run_id: str, writers: int = 2,
-                 overlays: dict[str, Style] | None = None):
+                 overlays: dict[str, Style] | None = None, depth: int | None = None):
         self.out = out
         self.models = {m.name: m for m in models}
         self.run_id = run_id
         self.writers = max(1, writers)
+        self.depth = depth or 2 * self.writers  # results queued for the writers at most
         self.overlays = overlays  # model -> Style: write overlays (needs ImageResult.rgb)
 
     def _drop_overlay(self, model: str, name: str) -> None:
@@ -268,14 +269,14 @@ class Sink:
     def consume(self, results: Iterable[ImageResult]) -> Iterator[ImageOutcome]:
         """Write results in a small thread pool; yield outcomes in input order.
 
-        At most 2 x writers images wait to be written, whatever the number of inputs.
+        At most `depth` (default 2 x writers) images wait to be written, whatever the number of inputs.
         """
         pool = ThreadPoolExecutor(self.writers, thread_name_prefix="legitseg-write")
         queued: deque[Future] = deque()
         try:
             for result in results:
                 queued.append(pool.submit(self.write, result))
-                while len(queued) > 2 * self.writers:
+                while len(queued) > self.depth:
                     yield queued.popleft().result()
             while queued:
                 yield queued.popleft().result()

@@ -52,6 +52,16 @@ def test_tiny_bench_reports_every_column(tmp_path, monkeypatch, capsys):
     # The 12 MP row is held to the researcher's loop and to torch's forward bound.
     large = {t["what"].split(": ", 1)[1] for t in results["targets"] if t["row"] == "large images"}
     assert {"(c)/(b) >= 1.3", "(c)/(a torch fp32) >= 0.6"} <= large
+    # Every legitseg run reports where its time went (LEGITSEG_PROFILE), and the 12 MP row what the
+    # stages around the model can do on this machine.
+    for row in rows.values():
+        p = row["profile"]
+        assert p["images"] == row["run"]["images"] and p["batches"] >= 1, row["row"]
+        assert 0 < p["main_thread_cpu_share"] and p["process_cpu_s_per_image"] > 0, row["row"]
+    (ceiling,) = [c for c in results["ceilings"] if c["row"] == "large images"]
+    assert ceiling["decode_cpu"] > 0 and ceiling["encode"] > 0 and ceiling["decode_gpu"] is None
+    assert ceiling["smallest"] == min(ceiling["forward"], ceiling["decode_cpu"], ceiling["encode"])
+    assert "Ceilings of the stages" in captured.out and "main-thread CPU share" in captured.out
     # Both layouts and every batch size were timed; the winner is named.
     first = results["forward"][0]
     assert set(first["grid"]) == {"contiguous", "channels_last"}

@@ -119,3 +119,139 @@ def test_fp32_switches_tf32_off_for_the_run_and_restores_it(setup, tmp_path):
     assert r.exit_code == 0, r.output
     math = json.loads((tmp_path / "tf32" / "run.json").read_text())["math"]
     assert math["convolution_fp32"] == "tf32"
+
+
+# -- the GPU path of the engine: parity, decode tolerance, syncs ------------------------------
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted((REPO / "examples" / "images").iterdir())
+
+
+def _demo_models():
+    import yaml
+
+    from legitseg.factory import load_model
+    from legitseg.manifest import load_manifest
+
+    entries = yaml.safe_load((REPO / "models.yaml").read_text())["models"]
+    manifest = load_manifest(REPO / "models.yaml")
+    return {name: (entries[name], load_model(manifest.models[name])) for name in entries}
+
+
+def test_fp32_on_cuda_matches_the_reference_implementation_on_the_demo_photographs():
+    """IEEE fp32 on the card: legitseg's CUDA forward + device postprocessing against tests/reference.py
+    (Pillow, smp, torch on the CPU) on every bundled photograph, max |dp| <= 1e-4."""
+    import torch.nn.functional as F
+
+    from legitseg.pipeline.decode import prepare
+    from legitseg.pipeline.infer import TorchRunner, math_mode
+    from legitseg.pipeline.postprocess import activation
+    from tests import reference
+
+    cuda = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions: must not leak into fp32
+    worst = {}
+    with math_mode("fp32"):
+        for name, (entry, loaded) in _demo_models().items():
+            module = reference.build(entry, REPO)
+            runner = TorchRunner(loaded, cuda, "fp32")
+            for path in PHOTOS:
+                rgb = reference.decode(path)
+                want = reference.predict(module, entry, rgb)
+                logits = runner.logits([prepare(rgb, runner.prep)])[0]
+                if entry["task"] == "severity":
+                    got = activation(logits.float(), loaded.spec, dim=0).cpu().numpy()
+                else:
+                    up = F.interpolate(logits[None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+                    got = activation(up, loaded.spec, dim=0).cpu().numpy()
+                worst[name, path.name] = float(np.abs(got - want.probabilities).max())
+    assert len(worst) == 3 * len(PHOTOS)
+    bad = {k: v for k, v in worst.items() if v > 1e-4}
+    assert not bad, bad
+
+
+def test_gpu_jpeg_decode_stays_within_its_stated_tolerance_of_opencv(tmp_path):
+    """nvJPEG is not libjpeg: pixels within a few levels, results within what docs/architecture.md states."""
+    from legitseg.pipeline import device_decode
+    from legitseg.pipeline.decode import decode_rgb
+    from tests.images import picture, save
+
+    cuda = torch.device("cuda")
+    files = [p for p in PHOTOS if p.suffix == ".jpg"]
+    for turn in (1, 6, 8):  # photo-like JPEGs with EXIF orientations, 4:2:0 and 4:4:4
+        files.append(save(tmp_path / f"t{turn}.jpg", picture(480, 640, turn), orientation=turn, quality=90,
+                          subsampling=0 if turn == 6 else 2))
+    datas = [p.read_bytes() for p in files]
+    plans = [device_decode.plan(d, "JPEG") for d in datas]
+    assert all(plans), [f.name for f, p in zip(files, plans, strict=True) if not p]
+    images = device_decode.decode([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], cuda)
+    for f, data, (size, turn), image in zip(files, datas, plans, images, strict=True):
+        assert image is not None and image.is_cuda, f.name
+        got = device_decode.orient(image, turn).permute(1, 2, 0).cpu().numpy().astype(int)
+        want = decode_rgb(data, "JPEG").astype(int)
+        assert got.shape == want.shape and got.shape[:2] == size, f.name
+        diff = np.abs(got - want)
+        assert diff.mean() <= 1.5 and np.percentile(diff, 99.9) <= 12, (f.name, diff.mean(), diff.max())
+
+
+def _jpeg_folder(d: Path, n: int) -> Path:
+    from tests.images import picture, save
+
+    for i in range(n):
+        save(d / f"{i:03d}.jpg", picture(300 + 7 * i, 400 - 5 * i, i), orientation=(1, 6, 3, 8)[i % 4], quality=90)
+    return d
+
+
+def test_demo_run_on_cuda_with_gpu_decode_agrees_with_the_cpu_run(tmp_path):
+    """The whole CLI, GPU decode on (the default), against the CPU run: masks and scores within tolerance."""
+    images = _jpeg_folder(tmp_path / "in", 12)
+    for p in PHOTOS:
+        (images / p.name).write_bytes(p.read_bytes())
+    outs = {}
+    for tag, args in {"cpu": ["--device", "cpu", "--backend", "torch"], "cuda": ["--device", "cuda"]}.items():
+        r = _run(REPO / "models.yaml", images, tmp_path / tag, *args)
+        assert r.exit_code == 0, r.output
+        outs[tag] = tmp_path / tag
+    decoders = {tag: json.loads((o / "run.json").read_text())["jpeg_decoder"] for tag, o in outs.items()}
+    assert decoders == {"cpu": "opencv", "cuda": "nvjpeg"}
+    for model in ("erythema_segmenter", "lesion_segmenter"):
+        ref, got = _probs(outs["cpu"], model), _probs(outs["cuda"], model)
+        assert ref.keys() == got.keys() and len(ref) == 12 + len(PHOTOS)
+        for name in ref:
+            assert np.abs(got[name] - ref[name]).max() <= 0.05, (model, name)
+            masks = [cv2.imread(str(o / "masks" / model / name.replace(".npz", ".png")), cv2.IMREAD_UNCHANGED)
+                     for o in (outs["cpu"], outs["cuda"])]
+            assert (masks[0] != masks[1]).mean() <= 0.01, (model, name)
+    rows = {tag: {json.loads(x)["image"]: json.loads(x) for x in (o / "scores.jsonl").read_text().splitlines()
+                  if '"severity_classifier"' in x} for tag, o in outs.items()}
+    for image, row in rows["cpu"].items():
+        assert abs(row["score"] - rows["cuda"][image]["score"]) <= 0.05, image
+
+
+def test_one_device_synchronisation_per_batch_at_most(tmp_path, recwarn):
+    """The main thread launches batch after batch; only the postprocessing threads wait for copies."""
+    import threading
+    import warnings
+
+    from legitseg.factory import load_model
+    from legitseg.manifest import load_manifest
+    from legitseg.pipeline.engine import Engine
+    from legitseg.pipeline.infer import TorchRunner
+    from legitseg.pipeline.sources import Source
+
+    images = _jpeg_folder(tmp_path / "in", 24)
+    loaded = load_model(load_manifest(REPO / "models.yaml").models["erythema_segmenter"])
+    engine = Engine([TorchRunner(loaded, torch.device("cuda"), "fp16")], batch_size=8, workers=2, post_threads=2,
+                    save_probabilities=False, max_pixels=10**8, stop=threading.Event())
+    assert engine.device_decode and engine.batched_post
+    sources = [Source(p, p.name) for p in sorted(images.iterdir())]
+    list(engine.process(sources[:8]))  # warm-up: cuDNN picks its algorithms
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = list(engine.process(sources))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.error is None for r in results)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 24 // 8, [str(w.message)[:120] for w in syncs[:5]]

@@ -288,6 +288,7 @@ def test_three_runs_with_different_arguments_each_record_resolves_to_its_own_run
         run_file = runs[rec["run_id"]]  # every record names a run file that exists
         assert run_file["run_id"] == rec["run_id"]
         assert run_file["versions"]["torch"] and run_file["math"]["convolution_fp32"] == "ieee"
+        assert run_file["jpeg_decoder"] == "opencv"  # nvJPEG is for GPU runs
         assert run_file["manifest"]["sha256"] and run_file["environment"]["hostname"]
         assert run_file["arguments"]["inputs"] == [str(folder / name) if name != "2.jpg" else str(folder)]
     assert runs[recs["1.jpg"]["run_id"]]["arguments"]["batch_size"] == 1

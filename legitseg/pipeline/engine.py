@@ -10,13 +10,14 @@ model (SPEC 4.5).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import cv2
 import torch
@@ -27,6 +28,7 @@ from legitseg.pipeline import postprocess
 from legitseg.pipeline.decode import DecodedImage, Prep, decode_rgb, load_image, prepared
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.pixels import PixelSource
+from legitseg.pipeline.profile import Profile
 from legitseg.pipeline.runners import Runner
 from legitseg.pipeline.sources import Source
 from legitseg.pipeline.transfer import Pending, Transfer
@@ -296,6 +298,11 @@ class Engine:
 
         Raises RuntimeFailure when the device fails.
         """
+        profile = Profile.from_env(self.runners[0].device)
+        with profile or contextlib.nullcontext():
+            yield from self._process(sources, profile)
+
+    def _process(self, sources: Iterable[Source], profile: Profile | None) -> Iterator[ImageResult]:
         pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="legitseg-post")
         queued: deque[Future] = deque()
         max_queued = self.depth
@@ -310,10 +317,11 @@ class Engine:
 
         def flush() -> Iterator[ImageResult]:
             nonlocal waiting
-            if self.device_decode:
-                self._to_device(batch)
-            decoded = [b for b in batch if isinstance(b, DecodedImage)]
-            outputs = iter(self._run_batch(decoded) if decoded else [])
+            with profile.batch(waiting) if profile else contextlib.nullcontext():
+                if self.device_decode:
+                    self._to_device(batch)
+                decoded = [b for b in batch if isinstance(b, DecodedImage)]
+                outputs = iter(self._run_batch(decoded) if decoded else [])
             if not self.keep_rgb:  # the inputs are done with (on the GPU they hold device memory)
                 for item in decoded:
                     item.inputs = {}
