@@ -290,16 +290,21 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
                                 env=env or child_env())
         deadline = time.monotonic() + timeout
         peak = 0
-        while True:
-            peak = max(peak, _peak_rss(proc.pid))
-            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                _, status, _ = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
+        try:
+            while True:
+                peak = max(peak, _peak_rss(proc.pid))
+                pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    _, status, _ = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.05)
+        except BaseException:  # the bench is being stopped: no legitseg run outlives it
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            raise
         t_end = time.time()
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
     if proc.returncode != 0:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,7 +127,9 @@ class Bench:
 
     def images(self, size: tuple[int, int], n: int) -> Path:
         t = time.monotonic()
-        folder = workload.image_set(self.work, size[0], size[1], n)
+        # --gpu-unique pictures of 1024x768, or as many megapixels of larger ones
+        unique = max(8, self.args.gpu_unique * 1024 * 768 // (size[0] * size[1]))
+        folder = workload.image_set(self.work, size[0], size[1], n, unique)
         if time.monotonic() - t > 1:
             self.say(f"generated {size[0]}x{size[1]} JPEGs in {time.monotonic() - t:.0f}s")
         return folder
@@ -178,7 +182,7 @@ class Bench:
                 lm = self.model(n)
                 models.append(measure.LoopModel(n, lm.module, self.mode.models[n].size, lm.mean, lm.std,
                                                 lm.spec.task))
-            files = sorted(folder.glob("*.jpg"))
+            files = sorted(folder.glob("*.jpg"))[:self.args.loop_images]  # steady after a few dozen
             self.loops[key] = measure.researcher_loop(models, files, self.work / "out" / "researcher", device)
             for lm in models:
                 lm.module.to("cpu")
@@ -385,17 +389,28 @@ class Bench:
         self.stage_profile(mode.primary, mode.small, mode.n, cpu, "fp32")
         self.stage_profile(mode.primary, mode.large, mode.n_large, cpu, "fp32")
 
+    def gpu_images(self, names: list[str], precision: str) -> int:
+        """Images for a 1024x768 GPU row: --gpu-images, or with --gpu-seconds enough for that long at (a)."""
+        if not self.args.gpu_seconds:
+            return self.mode.n_gpu
+        gpu = torch.device("cuda:0")
+        a = measure.combined_rate([self.bound(n, gpu, precision).best[2] for n in names])
+        return max(self.mode.n_gpu, math.ceil(a * self.args.gpu_seconds / 64) * 64)
+
     def gpu_rows(self) -> None:
         mode, gpu = self.mode, torch.device("cuda:0")
-        self.row("GPU single model", [mode.gpu_primary], mode.small, mode.n_gpu, gpu, "fp16", targets=GPU_TARGETS)
-        self.row("GPU large images", [mode.gpu_primary], mode.large, mode.n_gpu_large, gpu, "fp16",
-                 targets=GPU_LARGE_TARGETS)
-        self.row("GPU two models", [mode.gpu_primary, mode.expert], mode.small, mode.n_gpu, gpu, "fp16",
-                 targets=GPU_TWO_TARGETS)
-        self.row("GPU single model fp32", [mode.gpu_primary], mode.small, mode.n_gpu, gpu, "fp32",
+        one, two = [mode.gpu_primary], [mode.gpu_primary, mode.expert]
+        self.row("GPU single model", one, mode.small, self.gpu_images(one, "fp16"), gpu, "fp16", targets=GPU_TARGETS)
+        self.row("GPU large images", one, mode.large, mode.n_gpu_large, gpu, "fp16", targets=GPU_LARGE_TARGETS)
+        self.row("GPU two models", two, mode.small, self.gpu_images(two, "fp16"), gpu, "fp16", targets=GPU_TWO_TARGETS)
+        self.row("GPU single model fp32", one, mode.small, self.gpu_images(one, "fp32"), gpu, "fp32",
                  targets=GPU_TARGETS)
         self.stage_profile(mode.gpu_primary, mode.small, mode.n_gpu, gpu, "fp16")
         self.stage_profile(mode.gpu_primary, mode.large, mode.n_gpu_large, gpu, "fp16")
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -413,6 +428,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heavy-images", dest="n_heavy", type=int, help="images in the 512/resnet101 CPU rows (0 skips)")
     p.add_argument("--gpu-images", dest="n_gpu", type=int, help="images per GPU row (1024x768)")
     p.add_argument("--gpu-large-images", dest="n_gpu_large", type=int, help="images in the 4000x3000 GPU row")
+    p.add_argument("--gpu-seconds", type=float,
+                   help="1024x768 GPU rows: enough images for about this many seconds at the row's forward bound")
+    p.add_argument("--gpu-unique", type=int, default=512,
+                   help="distinct 1024x768 pictures in a larger image set, or as many megapixels of larger ones "
+                        "(the rest are hard links to them)")
+    p.add_argument("--loop-images", type=int, default=128, help="images the researcher's loop times at most")
     p.add_argument("--batch-sizes", type=sizes, help="forward-bound batch sizes on the CPU, e.g. 1,2,4,8")
     p.add_argument("--gpu-batch-sizes", type=sizes, help="forward-bound batch sizes on CUDA, e.g. 1,8,16,32")
     p.add_argument("--min-time", type=float, help="seconds per forward-bound measurement")
@@ -446,18 +467,26 @@ def main(argv: list[str] | None = None) -> int:
     names += [f"{mode.primary}_hflip"] if do_cpu else []
     names += [mode.gpu_primary] if do_gpu else []
     bench.prepare(list(dict.fromkeys(names)))
-    if do_cpu:
-        bench.cpu_rows()
-    else:
-        bench.not_measured.append("CPU rows: not measured, --device cuda")
     gpu_what = (f"GPU rows ({mode.models[mode.gpu_primary].label} fp16: forward bound, researcher's loop, "
                 f"legitseg run; target (c)/(a) >= {GPU_TARGETS['c_over_a']})")
-    if do_gpu:
-        bench.gpu_rows()
-    elif not cuda:
-        bench.not_measured.append(f"{gpu_what}: not measured, no GPU here (torch.cuda.is_available() is False)")
-    else:
-        bench.not_measured.append(f"{gpu_what}: not measured, --device cpu")
+    # A time limit (timeout's SIGTERM) ends the bench with the rows measured so far written out.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        if do_cpu:
+            bench.cpu_rows()
+        else:
+            bench.not_measured.append("CPU rows: not measured, --device cuda")
+        if do_gpu:
+            bench.gpu_rows()
+    except KeyboardInterrupt:
+        bench.failures += 1
+        bench.not_measured.append("the bench was stopped (SIGTERM or Ctrl-C) before it finished: the rows after "
+                                  "the last one shown were not measured")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not do_gpu:
+        why = "no GPU here (torch.cuda.is_available() is False)" if not cuda else "--device cpu"
+        bench.not_measured.append(f"{gpu_what}: not measured, {why}")
 
     python = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) \
         else Path(sys.executable).name

@@ -161,17 +161,24 @@ def image_pool(work: Path, width: int, height: int, count: int, threads: int | N
     return paths
 
 
-def image_set(work: Path, width: int, height: int, count: int) -> Path:
-    """A folder holding exactly `count` of the pool's images (hard links), for `legitseg run FOLDER`."""
-    pool = image_pool(work, width, height, count)
-    folder = work / "sets" / f"{width}x{height}-n{count}"
-    have = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
-    if [p.name for p in have] != [p.name for p in pool]:
+def image_set(work: Path, width: int, height: int, count: int, unique: int | None = None) -> Path:
+    """A folder holding exactly `count` images (hard links to the pool's), for `legitseg run FOLDER`.
+
+    With `unique`, only that many distinct pictures are generated and the folder cycles
+    through them under `count` names: enough images for 20 s of a GPU's steady state
+    without generating thousands (each name is still read, hashed and decoded).
+    """
+    distinct = min(count, unique or count)
+    pool = image_pool(work, width, height, distinct)
+    names = [p.name for p in pool] if distinct == count else [f"img_{i:05d}.jpg" for i in range(count)]
+    folder = work / "sets" / (f"{width}x{height}-n{count}" + (f"-u{distinct}" if distinct < count else ""))
+    have = sorted(p.name for p in folder.glob("*.jpg")) if folder.is_dir() else []
+    if have != names:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        for p in pool:
+        for i, name in enumerate(names):
             try:
-                os.link(p, folder / p.name)
+                os.link(pool[i % distinct], folder / name)
             except OSError:  # file systems without hard links
-                shutil.copy2(p, folder / p.name)
+                shutil.copy2(pool[i % distinct], folder / name)
     return folder

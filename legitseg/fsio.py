@@ -20,6 +20,15 @@ from legitseg.errors import RuntimeFailure
 TMP_SUFFIX = ".legitseg-tmp"
 
 
+def cache_root() -> Path:
+    """$LEGITSEG_CACHE_DIR, else $XDG_CACHE_HOME/legitseg, else ~/.cache/legitseg."""
+    root = os.environ.get("LEGITSEG_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "legitseg"
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

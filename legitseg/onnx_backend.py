@@ -25,7 +25,7 @@ import torch
 
 from legitseg import __version__
 from legitseg.errors import LegitsegError
-from legitseg.fsio import atomic_write
+from legitseg.fsio import atomic_write, cache_root
 from legitseg.provenance import dist_version
 
 if TYPE_CHECKING:
@@ -123,11 +123,7 @@ def export_onnx(loaded: LoadedModel, opset: int = OPSET) -> bytes:
 # -- cache ---------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """$LEGITSEG_CACHE_DIR/onnx, else $XDG_CACHE_HOME/legitseg/onnx, else ~/.cache/legitseg/onnx."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root) / "onnx"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "legitseg" / "onnx"
+    return cache_root() / "onnx"
 
 
 def cache_fields(loaded: LoadedModel, opset: int = OPSET) -> dict[str, Any]:

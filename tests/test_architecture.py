@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                "legitseg.pipeline.geometry"]),
     ("compute", ["legitseg.pipeline.postprocess", "legitseg.pipeline.runners", "legitseg.pipeline.infer",
                  "legitseg.pipeline.ort_runner", "legitseg.pipeline.modes", "legitseg.pipeline.tta",
-                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling", "legitseg.pipeline.transfer",
+                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling", "legitseg.pipeline.transfer", "legitseg.pipeline.layout_tuning",
                  "legitseg.pipeline.profile"]),
     ("output", ["legitseg.writers", "legitseg.overlay"]),
     ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),

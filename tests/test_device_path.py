@@ -10,6 +10,7 @@ machine, against the CPU path that every other test covers.
 from __future__ import annotations
 
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -226,3 +227,65 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkey
     assert np.array_equal(probs(plain, 0), probs(fallback, 0))
     assert not np.array_equal(probs(plain, 1), probs(fallback, 1))
     assert np.abs(probs(plain, 1).astype(np.float32) - probs(fallback, 1)).max() <= 0.02
+
+
+# -- the fastest variant of a model (layout, half weights), chosen on the first batch ------------
+def _tuned_pair(runners, precision, tmp_path, monkeypatch):
+    from legitseg.pipeline.infer import TorchRunner
+
+    monkeypatch.setenv("LEGITSEG_CACHE_DIR", str(tmp_path / "cache"))
+    loaded = runners[0].loaded  # "binary", 64x96 stretch
+    arrays = [picture(64, 96, s) for s in range(3)]
+    plain = TorchRunner(loaded, torch.device("cpu"), "fp32")
+    tuned = TorchRunner(loaded, torch.device("cpu"), precision, tune_layout=True)
+    return plain, tuned, arrays
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layout_tuning_measures_every_variant_and_remembers_the_choice(runners, precision, tmp_path, monkeypatch):
+    from legitseg.pipeline import layout_tuning
+    from legitseg.pipeline.infer import TorchRunner, variants
+
+    plain, tuned, arrays = _tuned_pair(runners, precision, tmp_path, monkeypatch)
+    timed = []
+    real = layout_tuning._time
+    monkeypatch.setattr(layout_tuning, "_time", lambda r, x: timed.append(r.variant) or real(r, x))
+    want = torch.sigmoid(plain.logits(arrays))
+    got = torch.sigmoid(tuned.logits(arrays))
+    assert timed == variants(precision) and len(timed) == (4 if precision == "bf16" else 2)
+    assert tuned.variant in timed and tuned.tuned
+    assert (got - want).abs().max() <= (1e-4 if precision == "fp32" else 5e-2)
+    cache = json.loads(layout_tuning.cache_file().read_text())
+    assert list(cache.values()) == [tuned.variant]
+    # The next run on this machine takes the remembered variant without measuring.
+    timed.clear()
+    again = TorchRunner(tuned.loaded, torch.device("cpu"), precision, tune_layout=True)
+    again.logits(arrays)
+    assert timed == [] and again.variant == tuned.variant
+
+
+def test_a_faster_variant_that_changes_results_is_not_used(runners, tmp_path, monkeypatch):
+    from legitseg.pipeline import layout_tuning
+
+    _, tuned, arrays = _tuned_pair(runners, "fp32", tmp_path, monkeypatch)
+    real = layout_tuning._time
+
+    def fake(runner, x):
+        seconds, y = real(runner, x)
+        if runner.variant == "contiguous":  # "faster", but off by a whole logit
+            return seconds / 100, y + 1.0
+        return seconds, y
+
+    monkeypatch.setattr(layout_tuning, "_time", fake)
+    tuned.logits(arrays)
+    assert tuned.variant == "channels_last"
+
+
+def test_a_device_decoder_that_refuses_everything_is_given_up_for_the_cpu(runners, folder, monkeypatch, caplog):
+    monkeypatch.setattr(device_decode, "decode", lambda encoded, device: [None] * len(encoded))
+    sources = [s for s in _sources(folder) if s.name.startswith("turn")]
+    engine = _engine(runners, batched_post=True, device_decode=True)
+    results = list(engine.process(sources))
+    assert [r.error for r in results] == [None] * 8
+    assert not engine.device_decode and engine.device_inputs
+    assert "decoded on the CPU for the rest of this run" in caplog.text

@@ -91,7 +91,8 @@ class Engine:
             device_decode = (device.type == "cuda" and not keep_rgb and device_decode_module.enabled()
                              and device_decode_module.supports(self.preps)
                              and all(type(r) is TorchRunner for r in runners))
-        self.device_decode = device_decode
+        self.device_decode = device_decode  # decode workers leave these JPEGs encoded
+        self.device_inputs = device_decode  # model inputs are device tensors (for the whole run)
 
     # -- stage 1: decode ---------------------------------------------------------------
     def _decode(self, source: Source) -> DecodedImage | ImageError:
@@ -142,7 +143,14 @@ class Engine:
         """
         device = self.runners[0].device
         deferred = [(k, b) for k, b in enumerate(batch) if isinstance(b, DecodedImage) and b.encoded is not None]
-        images = device_decode_module.decode([b.encoded for _, b in deferred], device) if deferred else []
+        images: list = [None] * len(deferred)
+        if deferred and self.device_decode:
+            images = device_decode_module.decode([b.encoded for _, b in deferred], device)
+            if len(images) > 1 and all(image is None for image in images):
+                # nvJPEG missing or broken here: not worth trying per batch; the CPU decodes from now on
+                self.device_decode = False
+                log.warning("the GPU JPEG decoder refused a whole batch on %s; JPEGs are decoded on the CPU "
+                            "for the rest of this run", device)
         for (k, item), image in zip(deferred, images, strict=True):
             if image is None:
                 try:
@@ -318,7 +326,7 @@ class Engine:
         def flush() -> Iterator[ImageResult]:
             nonlocal waiting
             with profile.batch(waiting) if profile else contextlib.nullcontext():
-                if self.device_decode:
+                if self.device_inputs:
                     self._to_device(batch)
                 decoded = [b for b in batch if isinstance(b, DecodedImage)]
                 outputs = iter(self._run_batch(decoded) if decoded else [])

@@ -82,12 +82,28 @@ def math_mode(precision: str) -> Iterator[dict[str, object]]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+# How a model runs on a GPU: memory layout, and (fp16/bf16) whether its weights are cast to the
+# half type instead of running under autocast. Chosen per model by `TorchRunner.tune`.
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# Largest change in probabilities a variant may make against the default one (else it is not used).
+VARIANT_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
+
+
+def variants(precision: str) -> list[str]:
+    """The default (channels_last, autocast for fp16/bf16) first."""
+    names = list(LAYOUTS)
+    if PRECISIONS[precision] is not None:
+        names += [f"{layout}+half" for layout in LAYOUTS]
+    return names
+
+
 @dataclass
 class TorchRunner:
     """Forward passes of one model on one device, in torch.
 
     Works on its own copy of the module when the device or memory format differs,
     so the loaded module (which the ONNX export and the parity gate also use) is never changed.
+    On a GPU the first batch chooses the fastest variant (`tune`).
     """
 
     loaded: LoadedModel
@@ -97,12 +113,23 @@ class TorchRunner:
     backend: str = "torch"
     parity: float | None = None
     image_errors: tuple[type[BaseException], ...] = field(default=())
+    tune_layout: bool | None = None  # None: on CUDA
 
     def __post_init__(self) -> None:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = copy.deepcopy(self.loaded.module).to(self.device, memory_format=fmt)
-        self.pre = Preprocessor.for_model(self.loaded, self.device, self.channels_last)
         self.prep: Prep = prep_for(self.loaded)
+        self._use("channels_last" if self.channels_last else "contiguous")
+        self.tuned = not (self.device.type == "cuda" if self.tune_layout is None else self.tune_layout)
+
+    def _use(self, variant: str) -> None:
+        """Module copy, input layout and weight type for one variant (see `variants`)."""
+        layout = variant.removesuffix("+half")
+        fmt = LAYOUTS[layout]
+        module = copy.deepcopy(self.loaded.module).to(self.device, memory_format=fmt)
+        self.half = PRECISIONS[self.precision] if variant.endswith("+half") else None
+        self.module = module.to(self.half) if self.half is not None else module
+        self.channels_last = layout == "channels_last"
+        self.pre = Preprocessor.for_model(self.loaded, self.device, self.channels_last)
+        self.variant = variant
 
     @property
     def name(self) -> str:
@@ -111,12 +138,20 @@ class TorchRunner:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits as float32 on the device."""
         dtype = PRECISIONS[self.precision]
-        ctx = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-               else contextlib.nullcontext())
+        if self.half is not None:  # weights in the half type already: the input follows, no autocast
+            x, ctx = x.to(self.half), contextlib.nullcontext()
+        else:
+            ctx = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                   else contextlib.nullcontext())
         with torch.inference_mode(), ctx:
             y = self.module(x)
         return y.float()
 
     def logits(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Logits for a batch of same-shape inputs; padding (pad models) already cropped off."""
+        if not self.tuned:
+            from legitseg.pipeline.layout_tuning import tune
+
+            tune(self, arrays)
+            self.tuned = True
         return self.pre.run(self.forward, arrays)
