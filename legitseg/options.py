@@ -102,9 +102,12 @@ def default_writers(device_type: str) -> int:
     Two on the CPU, where the forward pass needs the cores. On a GPU the writers are
     the bottleneck: measured on an H200 with 16 cores (docs/benchmarks.md), going from
     2 to 8 writers raised DeepLabV3Plus+efficientnet-b2 @512 fp16 from 160 to 190 img/s.
+    With JPEG decode and postprocessing on the GPU the cores are left to PNG encoding
+    and writes (OpenCV and file I/O release the GIL), so on a GPU there is one per core
+    but two, up to 16.
     """
     if device_type == "cuda":
-        return max(2, min(8, (os.cpu_count() or 1) // 2))
+        return max(2, min(16, (os.cpu_count() or 1) - 2))
     return 2
 
 

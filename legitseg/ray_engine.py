@@ -87,7 +87,7 @@ class _ModelActor:
         self.precision = precision
         self.engine = Engine(runners, batch_size=batch_size, workers=0, post_threads=1,
                              save_probabilities=save_probabilities, max_pixels=max_pixels,
-                             stop=threading.Event())
+                             stop=threading.Event(), device_decode=False)  # decoded by the CPU tasks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from legitseg.pipeline.infer import math_mode

@@ -170,8 +170,11 @@ class Engine:
         for item in batch:
             if isinstance(item, DecodedImage):
                 for p, a in item.inputs.items():
-                    if not isinstance(a, torch.Tensor):
-                        item.inputs[p] = torch.from_numpy(a).to(device).permute(2, 0, 1)
+                    if not isinstance(a, torch.Tensor):  # staged in page-locked memory: no device sync
+                        t = torch.from_numpy(a)
+                        if device.type == "cuda":
+                            t = t.pin_memory().to(device, non_blocking=True)
+                        item.inputs[p] = t.permute(2, 0, 1)
 
     # -- stage 2: forward ----------------------------------------------------------------
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
