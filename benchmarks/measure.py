@@ -333,6 +333,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     """Mean wall ms and CPU ms per image of each step of legitseg's pipeline, run serially.
 
     read+hash, header check, decode, resize (prepare), forward (normalise included),
+    (on a GPU, JPEGs are decoded, turned and resized there as the engine does)
     postprocess (upsample, activation, mask, areas, components), PNG encode, and the
     atomic writes (mask + record, each fsync'ed). The engine overlaps these stages;
     this says what each one costs. CPU ms is the process's CPU time (every thread) during
@@ -341,7 +342,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     from legitseg.factory import load_model
     from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.manifest import load_manifest
-    from legitseg.pipeline import postprocess
+    from legitseg.pipeline import device_decode, postprocess
     from legitseg.pipeline.decode import (
         DEFAULT_MAX_PIXELS,
         check_header,
@@ -372,10 +373,23 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         digest = sha256_bytes(data)
         mark()
         fmt = check_header(data, DEFAULT_MAX_PIXELS)
+        planned = device_decode.plan(data, fmt) if device.type == "cuda" and device_decode.enabled() else None
         mark()
-        rgb = decode_rgb(data, fmt)
-        mark()
-        arr = prepare(rgb, runner.prep)
+        image = None
+        if planned is not None:  # what the engine does on a GPU: nvJPEG, then orientation and resize there
+            image = device_decode.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], device)[0]
+        if image is not None:
+            image = device_decode.orient(image, planned[1])
+            sync(device)
+            mark()
+            arr = device_decode.prepare(image, runner.prep)
+            size = tuple(image.shape[-2:])
+            sync(device)
+        else:
+            rgb = decode_rgb(data, fmt)
+            mark()
+            arr = prepare(rgb, runner.prep)
+            size = rgb.shape[:2]
         mark()
         logits = runner.logits([arr])
         if device.type == "cpu":
@@ -386,7 +400,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
             result = postprocess.severity(logits[0], spec)
             png = None
         else:
-            result = postprocess.segmentation(logits[0], rgb.shape[:2], spec, False)
+            result = postprocess.segmentation(logits[0], size, spec, False)
         mark()
         if spec.task != "severity":
             png = encode_png(result.mask)
