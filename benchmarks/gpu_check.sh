@@ -18,10 +18,10 @@ print("torch", torch.__version__, "torchvision", torchvision.__version__, "smp",
 ok, enc = cv2.imencode(".jpg", (torch.rand(64, 64, 3) * 255).byte().numpy())
 print("nvJPEG decode:", tuple(decode_jpeg(torch.from_numpy(enc.ravel()), device="cuda").shape))
 PY
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rA \
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rA \
   tests/test_cuda.py tests/test_precision.py tests/test_device_path.py 2>&1 | tail -40 | tee "$OUT/cuda_tests.log"
 echo "tests done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
-timeout "${BENCH_TIMEOUT:-290}" python3 benchmarks/run_bench.py --device cuda --quick --work /tmp/bench \
+timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/run_bench.py --device cuda --quick --work /tmp/bench \
   --gpu-batch-sizes 16,32 --min-time 1 --gpu-seconds "${GPU_SECONDS:-20}" \
   --gpu-large-images "${GPU_LARGE_IMAGES:-1100}" --loop-images 48 \
   --out-md "$OUT/benchmarks-gpu.md" --out-json "$OUT/benchmarks-gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -70

@@ -8,9 +8,11 @@ PY=${GPU_PYTHON_VERSION:-3.12}
 pin() { grep -i -E "^$1==" requirements_lock.txt | head -1; }
 rm -rf .whl && mkdir -p .whl
 pkgs=()
+# Not huggingface_hub (nor its filelock, fsspec, tqdm): the machine's timm brings its own, and the
+# locked one needs httpx2 and hf-xet, which the machine lacks.
 for name in segmentation_models_pytorch pydantic pydantic_core annotated-types typing-inspection typing_extensions \
-    safetensors huggingface_hub typer click rich shellingham markdown-it-py mdurl Pygments PyYAML psutil \
-    filelock fsspec tqdm packaging annotated-doc pytest pluggy iniconfig; do
+    safetensors typer click rich shellingham markdown-it-py mdurl Pygments PyYAML psutil \
+    packaging annotated-doc pytest pluggy iniconfig; do
   pkgs+=("$(pin "$name")")
 done
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" \
