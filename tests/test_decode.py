@@ -304,6 +304,34 @@ def test_a_truncated_motion_photo_is_still_refused(tmp_path, cut):
         decoded(path)
 
 
+def _scan_end_by_loop(data: bytes, pos: int) -> int | None:
+    """The marker search as the JPEG standard words it, one 0xFF at a time (the reference)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        if data[pos + 1] == 0x00 or 0xD0 <= data[pos + 1] <= 0xD7:  # stuffed byte, restart marker
+            pos += 2
+            continue
+        return pos
+
+
+def test_the_scan_end_search_finds_what_the_byte_loop_finds():
+    from legitseg.pipeline.containers import _scan_end
+
+    rng = np.random.default_rng(5)
+    alphabet = np.array([0xFF, 0x00, 0xD0, 0xD7, 0xD8, 0xD9, 0xC4, 0x12], np.uint8)
+    for _ in range(3000):  # short strings dense in 0xFF, stuffing and restart markers
+        data = alphabet[rng.integers(0, len(alphabet), int(rng.integers(0, 12)))].tobytes()
+        for pos in range(len(data) + 1):
+            assert _scan_end(data, pos) == _scan_end_by_loop(data, pos), (data.hex(), pos)
+    photo = io.BytesIO()
+    Image.fromarray(picture(300, 400, 9)).save(photo, "JPEG", quality=95, restart_marker_blocks=4)
+    data = photo.getvalue()
+    sos = data.index(b"\xff\xda")
+    assert _scan_end(data, sos + 2) == _scan_end_by_loop(data, sos + 2) == len(data) - 2  # the EOI
+
+
 def test_a_png_cut_inside_its_last_chunk_is_refused(tmp_path):
     data = save(tmp_path / "p.png", picture(20, 30, 4)).read_bytes()
     path = tmp_path / "t.png"
