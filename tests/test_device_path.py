@@ -192,7 +192,6 @@ def test_device_decode_path_agrees_with_the_cpu_path(runners, folder, monkeypatc
 
 
 def test_device_decode_is_off_where_the_device_cannot_make_the_input(runners, monkeypatch):
-    from legitseg.factory import load_model
     from legitseg.pipeline.engine import Engine
 
     assert device_decode.supports([Prep("stretch", (8, 8), "linear", 3), Prep("pad", None, "linear", 3)])
@@ -203,9 +202,10 @@ def test_device_decode_is_off_where_the_device_cannot_make_the_input(runners, mo
     auto = Engine(runners, batch_size=2, workers=0, post_threads=1, save_probabilities=False,
                   max_pixels=10**8, stop=threading.Event())
     assert not auto.device_decode and not auto.batched_post
-    assert load_model  # imported for the fixture's models
     monkeypatch.setenv("LEGITSEG_GPU_DECODE", "0")
     assert not device_decode.enabled()
+    monkeypatch.setenv("LEGITSEG_GPU_DECODE", "1")
+    assert device_decode.enabled()
 
 
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkeypatch):

@@ -153,16 +153,7 @@ class Engine:
                             "for the rest of this run", device)
         for (k, item), image in zip(deferred, images, strict=True):
             if image is None:
-                try:
-                    batch[k] = item = prepared(item.source, item.sha256, decode_rgb(item.encoded.numpy().tobytes(), "JPEG"),
-                                               self.preps)
-                except ImageError as err:
-                    batch[k] = self._failed(item.source, ImageError(str(err), sha256=item.sha256))
-                    continue
-                except cv2.error as err:
-                    batch[k] = self._failed(item.source, ImageError(f"OpenCV could not decode it: {err}",
-                                                                   sha256=item.sha256))
-                    continue
+                batch[k] = self._decode_on_cpu(item)
             else:
                 upright = device_decode_module.orient(image, item.orientation)
                 item.inputs = {p: device_decode_module.prepare(upright, p) for p in self.preps}
@@ -175,6 +166,17 @@ class Engine:
                         if device.type == "cuda":
                             t = t.pin_memory().to(device, non_blocking=True)
                         item.inputs[p] = t.permute(2, 0, 1)
+
+    def _decode_on_cpu(self, item: DecodedImage) -> DecodedImage | ImageResult:
+        """A JPEG the device decoder refused, decoded by OpenCV (on this thread); failed if it refuses too."""
+        data = item.encoded.numpy().tobytes()
+        try:
+            return prepared(item.source, item.sha256, decode_rgb(data, "JPEG"), self.preps)
+        except ImageError as err:
+            return self._failed(item.source, ImageError(str(err), sha256=item.sha256))
+        except cv2.error as err:
+            message = str(err).strip().splitlines()[-1]
+            return self._failed(item.source, ImageError(f"OpenCV could not decode it: {message}", sha256=item.sha256))
 
     # -- stage 2: forward ----------------------------------------------------------------
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
