@@ -83,7 +83,7 @@ def math_mode(precision: str) -> Iterator[dict[str, object]]:
 
 
 # How a model runs on a GPU: memory layout, and (fp16/bf16) whether its weights are cast to the
-# half type instead of running under autocast. Chosen per model by `TorchRunner.tune`.
+# half type instead of running under autocast. Chosen per model by `layout_tuning.tune`.
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # Largest change in probabilities a variant may make against the default one (else it is not used).
 VARIANT_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
