@@ -257,9 +257,8 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
 
         engine = Engine(runners, keep_rgb=cfg.overlay, **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
-    # On the GPU a whole batch of results arrives at once: the writers' queue holds two.
-    depth = 2 * max(writers, settings.batch_size or 1) if getattr(engine, "batched_post", False) else None
-    sink = Sink(cfg.out, infos, run_id, writers, depth=depth,
+    # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
+    sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),
                 overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None)
     from legitseg.provenance import math_mode as effective_math
 

@@ -14,6 +14,7 @@ how the tests exercise the batching and slicing without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -72,18 +73,17 @@ class Transfer:
             sizes[t.dtype] = offset + t.numel()
         cuda = self.device.type == "cuda"
         buffers = {dtype: torch.empty(n, dtype=dtype, pin_memory=cuda) for dtype, n in sizes.items()}
-        if not cuda:
+        stream = event = None
+        if cuda:
+            stream = self.copy_stream or torch.cuda.current_stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the results are computed first
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for t, (dtype, offset, _) in zip(self.tensors, slots, strict=True):
-                buffers[dtype][offset:offset + t.numel()].copy_(t.reshape(-1))
-            self.tensors.clear()
-            return Pending(buffers, slots)
-        stream = self.copy_stream or torch.cuda.current_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # the results are computed first
-        with torch.cuda.stream(stream):
-            for t, (dtype, offset, _) in zip(self.tensors, slots, strict=True):
-                buffers[dtype][offset:offset + t.numel()].copy_(t.reshape(-1), non_blocking=True)
-                t.record_stream(stream)  # not reused by the allocator before the copy is done
-            event = torch.cuda.Event()
-            event.record(stream)
+                buffers[dtype][offset:offset + t.numel()].copy_(t.reshape(-1), non_blocking=cuda)
+                if stream is not None:
+                    t.record_stream(stream)  # not reused by the allocator before the copy is done
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
         self.tensors.clear()
         return Pending(buffers, slots, event)
