@@ -169,13 +169,20 @@ def test_a_generator_is_read_lazily(world):
 
 
 MEMORY_SCRIPT = r"""
-import resource, sys
+import ctypes, gc, resource, sys
 import numpy as np
 import psutil
 from legitseg import Predictor
 
 def mib():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Current RSS of what is alive: freed heap pages go back to the OS first (glibc keeps them
+    # otherwise, and how many it keeps varies from run to run by tens of MiB).
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     return peak, psutil.Process().memory_info().rss / 2**20
 
 predictor = Predictor(sys.argv[1], models=["lesion"], device="cpu", backend="torch", batch_size=4, workers=2)
