@@ -65,9 +65,10 @@ def _print_tables(ev) -> None:
         table = Table(title="Segmentation (mean over images; mean row = mean over classes)")
         for col in SEG_COLUMNS:
             table.add_column(col, justify="left" if col in ("model", "class") else "right", no_wrap=True)
-        for row in _seg_rows(seg, bold=True):
-            table.add_row(*[escape(c) if i < 2 else c for i, c in enumerate(row)],
-                          end_section=row[1] == "mean")
+        rows = _seg_rows(seg, bold=True)
+        for i, row in enumerate(rows):  # a line under each model's mean row, its last
+            table.add_row(*[escape(c) if j < 2 else c for j, c in enumerate(row)],
+                          end_section=i + 1 == len(rows) or rows[i + 1][0] != row[0])
         console.print(table)
     if sev:
         table = Table(title="Severity (grades)")
