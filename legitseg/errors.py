@@ -73,3 +73,9 @@ class VerificationPackageError(LegitsegError):
     """A verification package is missing, malformed or altered (exit 3)."""
 
     exit_code = EXIT_INTEGRITY
+
+
+class NothingToScore(LegitsegError):
+    """Nothing to score or process: evaluate found ground truth but scored no pair (exit 6)."""
+
+    exit_code = EXIT_NO_IMAGES

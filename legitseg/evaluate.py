@@ -10,14 +10,16 @@ Conventions (docs/evaluate.md is the user's statement of them):
   * ground truth of another size than the prediction is an error for that image
     (never resized);
   * binary label maps may hold 0/1 or 0/255;
-  * ground truth without a usable prediction is a `missing` entry, listed, not dropped.
+  * ground truth without a usable prediction is a `missing` entry, listed, not dropped;
+  * predictions made with different model settings are not pooled unless asked;
+  * a model with ground truth but nothing scored is NothingToScore (exit 6).
+Ground truth is read by `evaluate_truth`.
 Reads records as `records.ImageRecord`s (unknown fields are kept aside, never needed).
 No printing; no torch.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections import Counter
@@ -28,13 +30,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from legitseg.errors import ImageError, UsageError
+from legitseg.errors import ImageError, NothingToScore, UsageError
+from legitseg.evaluate_truth import (
+    PIL_READ_ERRORS,
+    check_grade_range,
+    read_grades,
+    read_label_map,
+    truth_files,
+)
+from legitseg.pipeline.sources import OUT_MARKER
 from legitseg.records import ImageRecord, ModelEntry
-from legitseg.writers import scan_records
+from legitseg.writers import RECORDS, scan_records
 
 log = logging.getLogger(__name__)
 
 SEVERITY_CSV = "severity.csv"
+UNRECORDED = "unrecorded"  # settings key of format-1 records, which carry no settings digest
 METRICS = ("dice", "iou", "precision", "recall")
 
 
@@ -100,41 +111,6 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 
 # -- ground truth ---------------------------------------------------------------------
-def read_label_map(path: Path, classes: int, size: tuple[int, int]) -> np.ndarray:
-    """A ground-truth PNG as class indices of shape `size` (H, W). Raises ImageError."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except (OSError, ValueError) as err:
-        raise ImageError(f"ground truth {path} cannot be read: {err}") from err
-    if arr.ndim == 3:
-        if arr.shape[2] >= 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
-                                      and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise ImageError(f"ground truth {path} is a colour image; expected a single-channel label map")
-        arr = arr[..., 0]
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    if arr.shape != tuple(size):
-        h, w = size
-        hint = " (rotated? masks are upright, EXIF orientation applied)" if arr.shape == (w, h) else ""
-        raise ImageError(f"ground truth {path} is {arr.shape[1]}x{arr.shape[0]} but the prediction "
-                         f"is {w}x{h} (width x height){hint}; it is not resized")
-    values = np.unique(arr)
-    if classes == 2 and set(values.tolist()) <= {0, 255}:
-        return (arr == 255).astype(np.uint8)
-    if values.size and (values.min() < 0 or values.max() >= classes):
-        bad = [int(v) for v in values if v < 0 or v >= classes][:5]
-        raise ImageError(f"ground truth {path} holds values {bad} outside 0..{classes - 1}"
-                         + (" (binary maps may hold 0/1 or 0/255)" if classes == 2 else ""))
-    return arr
-
-
-def _truth_files(folder: Path) -> dict[str, Path]:
-    """Label maps under one model folder, keyed by their path without `.png`."""
-    return {p.relative_to(folder).as_posix()[:-4]: p
-            for p in sorted(folder.rglob("*.png")) if p.is_file()}
-
-
 def _strip_suffix(name: str) -> str:
     p = PurePosixPath(name)
     return str(p.with_suffix("")) if p.suffix else name
@@ -153,6 +129,29 @@ class ModelEvaluation:
     errors: list[tuple[str, str]] = field(default_factory=list)    # unusable pairs
     no_truth: list[str] = field(default_factory=list)              # predictions without ground truth
     weights_sha256: set[str] = field(default_factory=set)
+    truth: Path | None = None                                      # folder or CSV scored against
+    settings: dict[str, list[str]] = field(default_factory=dict)  # settings digest -> images scored
+
+    def add_provenance(self, image: str, entry: ModelEntry) -> None:
+        if entry.weights_sha256:
+            self.weights_sha256.add(entry.weights_sha256)
+        self.settings.setdefault(entry.settings or UNRECORDED, []).append(image)
+
+    @property
+    def scored(self) -> int:
+        """Images scored: pairs of a usable prediction and its ground truth."""
+        return len({s.image for s in self.scores}) if self.task == "segmentation" else len(self.grades)
+
+    def why_nothing(self) -> str:
+        """Why no pair was scored, naming the model and its ground truth."""
+        if self.task == "segmentation" and not (self.missing or self.errors):
+            what = f"ground truth folder {self.truth} holds no label maps (.png, .tif)"
+        elif self.task == "severity" and not self.missing:
+            what = f"severity ground truth {self.truth} lists no images"
+        else:
+            what = (f"none of the ground truth in {self.truth} was paired with a usable prediction "
+                    f"({len(self.missing)} missing a prediction, {len(self.errors)} not scored)")
+        return f"nothing to score for model {self.model}: {what}"
 
     def class_summary(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -215,8 +214,10 @@ def _ran_ok(record: ImageRecord, model: str) -> bool:
 
 
 def _evaluate_segmentation(out: Path, records: list[ImageRecord], model: str, folder: Path) -> ModelEvaluation:
-    ev = ModelEvaluation(model, "segmentation")
-    truth = _truth_files(folder)
+    ev = ModelEvaluation(model, "segmentation", truth=folder)
+    found = truth_files(folder)
+    truth = found.files
+    ev.errors.extend(found.skipped)
     used: set[str] = set()
     stems = Counter(_strip_suffix(r.name) for r in records)
     for record in records:
@@ -251,7 +252,7 @@ def _evaluate_segmentation(out: Path, records: list[ImageRecord], model: str, fo
         try:
             with Image.open(mask_file) as im:
                 pred = np.asarray(im)
-        except (OSError, ValueError) as err:
+        except PIL_READ_ERRORS as err:
             ev.missing.append((name, f"mask {mask_file} cannot be read: {err}"))
             continue
         try:
@@ -259,8 +260,7 @@ def _evaluate_segmentation(out: Path, records: list[ImageRecord], model: str, fo
         except ImageError as err:
             ev.errors.append((name, str(err)))
             continue
-        if entry.weights_sha256:
-            ev.weights_sha256.add(entry.weights_sha256)
+        ev.add_provenance(name, entry)
         for label, (tp, fp, fn) in zip(labels, class_counts(pred, gt, len(labels) + 1), strict=True):
             ev.scores.append(ClassScore(name, model, label, tp, fp, fn))
     for key in sorted(set(truth) - used):
@@ -268,28 +268,13 @@ def _evaluate_segmentation(out: Path, records: list[ImageRecord], model: str, fo
     return ev
 
 
-def read_grades(path: Path) -> dict[str, int]:
-    """`image,grade` rows of a severity CSV. Raises UsageError naming the file and line."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"image", "grade"} <= set(reader.fieldnames):
-                raise UsageError(f"{path}: needs the columns image,grade; found {reader.fieldnames}")
-            grades: dict[str, int] = {}
-            for line, row in enumerate(reader, 2):
-                image, grade = (row.get("image") or "").strip(), (row.get("grade") or "").strip()
-                if not grade.isdigit():
-                    raise UsageError(f"{path}:{line}: grade {grade!r} of {image!r} is not a whole number >= 0")
-                if image in grades:
-                    raise UsageError(f"{path}:{line}: image {image!r} is listed twice")
-                grades[image] = int(grade)
-    except OSError as err:
-        raise UsageError(f"cannot read severity ground truth {path}: {err.strerror or err}") from err
-    return grades
-
-
-def _evaluate_severity(records: list[ImageRecord], model: str, grades: dict[str, int]) -> ModelEvaluation:
-    ev = ModelEvaluation(model, "severity")
+def _evaluate_severity(records: list[ImageRecord], model: str, csv_path: Path) -> ModelEvaluation:
+    ev = ModelEvaluation(model, "severity", truth=csv_path)
+    grades = read_grades(csv_path)
+    entries = [r.models[model] for r in records if model in r.models]
+    ev.grade_classes = max((len(e.probabilities or []) for e in entries), default=0)
+    if ev.grade_classes:  # format-1 records without probabilities leave the range unknown
+        check_grade_range(csv_path, grades, model, ev.grade_classes)
     used: set[str] = set()
     for record in records:
         name = record.name
@@ -303,10 +288,8 @@ def _evaluate_severity(records: list[ImageRecord], model: str, grades: dict[str,
         if entry is None or not isinstance(entry.grade, int):
             ev.missing.append((name, why or "the record has no grade"))
             continue
-        ev.grade_classes = max(ev.grade_classes, len(entry.probabilities or []))
-        ev.grades.append((name, grades[key], entry.grade, entry.score))
-        if entry.weights_sha256:
-            ev.weights_sha256.add(entry.weights_sha256)
+        ev.grades.append((name, grades[key].grade, entry.grade, entry.score))
+        ev.add_provenance(name, entry)
     for key in sorted(set(grades) - used):
         ev.missing.append((key, "no image in OUT for this row of the severity CSV"))
     return ev
@@ -323,21 +306,50 @@ class Evaluation:
     def problems(self) -> int:
         return sum(len(m.missing) + len(m.errors) for m in self.models.values())
 
+    def nothing_to_score(self) -> NothingToScore | None:
+        """The error for the models with ground truth but no scored pair, if any."""
+        empty = [m.why_nothing() for m in self.models.values() if not m.scored]
+        return NothingToScore("; ".join(empty)) if empty else None
+
+
+def _check_out(out: Path) -> None:
+    # Any run writes the marker, even over an empty folder (then there is no records/);
+    # older OUTs have records/ only.
+    if not out.is_dir() or not ((out / OUT_MARKER).exists() or (out / RECORDS).is_dir()):
+        raise UsageError(f"{out} is not a legitseg output folder (no {RECORDS}/ and no {OUT_MARKER} in it)")
+
+
+def _check_settings(ev: ModelEvaluation, out: Path) -> None:
+    if len(ev.settings) < 2:
+        return
+    groups = "; ".join(f"{digest[:12]}: {', '.join(images[:3])}"
+                       + (f" and {len(images) - 3} more" if len(images) > 3 else "")
+                       for digest, images in sorted(ev.settings.items()))
+    raise UsageError(f"model {ev.model}: the predictions in {out} were made with {len(ev.settings)} "
+                     f"different settings ({groups}); one score would pool them. Re-run the images "
+                     f"with one setting, or pass --allow-mixed-settings")
+
 
 def evaluate(out: Path, truth: Path, models: list[str] | None = None,
-             severity_csv: Path | None = None) -> Evaluation:
-    """Score OUT against the ground-truth folder. Raises UsageError when nothing can be scored.
+             severity_csv: Path | None = None, allow_mixed_settings: bool = False) -> Evaluation:
+    """Score OUT against the ground-truth folder.
 
     `truth/<model>/` holds label maps for segmentation models; severity models are scored
-    against `truth/<model>.csv` if present, else `severity_csv` or `truth/severity.csv`.
+    against `severity_csv` when given, else `truth/<model>.csv`, else `truth/severity.csv`.
+    Raises UsageError for bad folders, malformed ground truth, ground truth for no model,
+    or (without `allow_mixed_settings`) predictions of one model made with different
+    settings; NothingToScore when OUT holds no records at all. A model with ground truth
+    but no scored pair is reported by `Evaluation.nothing_to_score`.
     """
-    if not out.is_dir() or not (out / "records").is_dir():
-        raise UsageError(f"{out} is not a legitseg output folder (no records/ folder in it)")
+    _check_out(out)
     if not truth.is_dir():
         raise UsageError(f"ground truth folder {truth} does not exist or is not a folder")
     if severity_csv is not None and not severity_csv.is_file():
         raise UsageError(f"severity ground truth {severity_csv} does not exist")
     records = scan_records(out).records
+    if not records:
+        raise NothingToScore(f"nothing to score: {out} holds no image records (a run over no images?), "
+                             f"so the ground truth in {truth} has nothing to pair with")
     tasks: dict[str, str] = {}
     for record in records:
         for model, entry in record.models.items():
@@ -350,19 +362,32 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
                              f"found: {', '.join(sorted(tasks)) or 'none'}")
         tasks = {m: tasks[m] for m in models}
     result: dict[str, ModelEvaluation] = {}
-    default_csv = severity_csv or truth / SEVERITY_CSV
     for model, task in tasks.items():
         if task == "segmentation" and (truth / model).is_dir():
             result[model] = _evaluate_segmentation(out, records, model, truth / model)
         elif task == "severity":
-            csv_path = truth / f"{model}.csv"
-            csv_path = csv_path if csv_path.is_file() else default_csv
-            if csv_path.is_file():
-                result[model] = _evaluate_severity(records, model, read_grades(csv_path))
+            csv_path = _severity_csv(truth, model, severity_csv)
+            if csv_path is not None:
+                result[model] = _evaluate_severity(records, model, csv_path)
         if model not in result:
-            log.warning("%s: no ground truth for model %s in %s; not evaluated", truth, model, task)
+            log.warning("%s: no ground truth for %s model %s; not evaluated", truth, task, model)
+        elif not allow_mixed_settings:
+            _check_settings(result[model], out)
     if not result:
         raise UsageError(f"nothing to evaluate: {truth} has no folder named after a segmentation "
                          f"model ({', '.join(m for m, t in tasks.items() if t == 'segmentation') or 'none'}) "
                          f"and no severity CSV")
     return Evaluation(out, truth, result, len(records))
+
+
+def _severity_csv(truth: Path, model: str, explicit: Path | None) -> Path | None:
+    """The true grades of `model`: an explicit --severity-csv wins over the folder's files."""
+    own = truth / f"{model}.csv"
+    if explicit is not None:
+        if own.is_file():
+            log.warning("%s is not used for model %s: --severity-csv %s was given", own, model, explicit)
+        return explicit
+    for path in (own, truth / SEVERITY_CSV):
+        if path.is_file():
+            return path
+    return None

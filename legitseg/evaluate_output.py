@@ -1,6 +1,8 @@
 """Write an Evaluation: segmentation.csv, severity.csv, evaluation.json and PNG plots.
 
-Every file is written atomically; NaN never reaches JSON (it becomes null) or CSV (an
+The files are written as a set: into a temporary sibling folder, which then replaces the
+destination folder, so a failure part-way (disk full) leaves the previous complete set,
+never new files beside old ones. NaN never reaches JSON (it becomes null) or CSV (an
 empty cell). Plots use matplotlib's Agg renderer through Figure objects (no pyplot
 state, no display).
 """
@@ -10,14 +12,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from legitseg import __version__
+from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.evaluate import METRICS, Evaluation
-from legitseg.writers import atomic_write
+from legitseg.writers import MASKS, OVERLAYS, PROBABILITIES, RECORDS, atomic_write
+
+log = logging.getLogger(__name__)
 
 SEGMENTATION_FIELDS = ["image", "model", "label", *METRICS, "tp", "fp", "fn"]
 SEVERITY_FIELDS = ["image", "model", "true_grade", "predicted_grade", "error", "score"]
@@ -45,6 +55,7 @@ def to_json(ev: Evaluation) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "task": m.task,
             "weights_sha256": sorted(m.weights_sha256),
+            "settings_digests": {d: images for d, images in sorted(m.settings.items())},
             "missing": [{"image": i, "reason": r} for i, r in m.missing],
             "errors": [{"image": i, "error": r} for i, r in m.errors],
             "no_ground_truth": m.no_truth,
@@ -87,34 +98,105 @@ def _csv(rows: list[dict[str, Any]], fields: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def write_evaluation(ev: Evaluation, dest: Path, plots: bool = True) -> list[Path]:
-    """Write the files under `dest`; return their paths. Raises RuntimeFailure on I/O errors."""
-    written = []
+def _is_evaluation_file(name: str) -> bool:
+    return (name in ("segmentation.csv", "severity.csv", "evaluation.json", "dice_boxplot.png")
+            or (name.startswith("severity_confusion_") and name.endswith(".png")))
+
+
+def check_destination(out: Path, dest: Path) -> None:
+    """Refuse a destination that is a file, lies inside OUT's own folders, or holds files
+    that are not a previous evaluation (the set replaces the whole folder). Raises UsageError."""
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"--out {dest} is a file; give a folder for the evaluation")
+    target = dest.resolve()
+    for part in (RECORDS, MASKS, PROBABILITIES, OVERLAYS):
+        inner = (out / part).resolve()
+        if target == inner or inner in target.parents:
+            raise UsageError(f"--out {dest} is inside {out / part}, which belongs to the run; "
+                             f"give a folder outside it [default: {out / 'evaluation'}]")
+    if dest.is_dir():
+        others = sorted(p.name for p in dest.iterdir() if not (p.is_file() and _is_evaluation_file(p.name)))
+        if others:
+            raise UsageError(f"--out {dest} holds other files than an evaluation ({', '.join(others[:5])}); "
+                             f"the evaluation replaces the whole folder, so give a new or empty folder")
+
+
+def _contents(ev: Evaluation, plots: bool) -> Iterator[tuple[str, bytes]]:
+    """(file name, bytes) of each file of the set; plots drawn one at a time."""
     seg = [m for m in ev.models.values() if m.task == "segmentation"]
     sev = [m for m in ev.models.values() if m.task == "severity"]
     if seg:
         rows = [{"image": s.image, "model": s.model, "label": s.label,
                  **{k: getattr(s, k) for k in METRICS}, "tp": s.tp, "fp": s.fp, "fn": s.fn}
                 for m in seg for s in m.scores]
-        written.append(_write(dest / "segmentation.csv", _csv(rows, SEGMENTATION_FIELDS)))
+        yield "segmentation.csv", _csv(rows, SEGMENTATION_FIELDS)
     if sev:
         rows = [{"image": i, "model": m.model, "true_grade": t, "predicted_grade": p,
                  "error": p - t, "score": s} for m in sev for i, t, p, s in m.grades]
-        written.append(_write(dest / "severity.csv", _csv(rows, SEVERITY_FIELDS)))
-    data = json.dumps(to_json(ev), indent=1, allow_nan=False) + "\n"
-    written.append(_write(dest / "evaluation.json", data.encode()))
+        yield "severity.csv", _csv(rows, SEVERITY_FIELDS)
+    yield "evaluation.json", (json.dumps(to_json(ev), indent=1, allow_nan=False) + "\n").encode()
     if plots:
         if any(m.scores for m in seg):
-            written.append(_write(dest / "dice_boxplot.png", dice_boxplot(seg)))
+            yield "dice_boxplot.png", dice_boxplot(seg)
         for m in sev:
             if m.grades:
-                written.append(_write(dest / f"severity_confusion_{m.model}.png", confusion_plot(m)))
-    return written
+                yield f"severity_confusion_{m.model}.png", confusion_plot(m)
 
 
-def _write(path: Path, data: bytes) -> Path:
-    atomic_write(path, data)
-    return path
+def write_evaluation(ev: Evaluation, dest: Path, plots: bool = True) -> list[Path]:
+    """Write the set of files as folder `dest` (replacing a previous evaluation there); return
+    their paths. Raises UsageError for a bad `dest`, RuntimeFailure on I/O errors (then the
+    previous folder is left as it was)."""
+    check_destination(ev.out, dest)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    names = []
+    try:
+        tmp.mkdir(parents=True)
+        for name, data in _contents(ev, plots):
+            atomic_write(tmp / name, data)
+            names.append(name)
+        _replace_folder(tmp, dest)
+    except (OSError, RuntimeFailure) as err:
+        _remove(tmp)
+        if isinstance(err, RuntimeFailure):
+            raise
+        raise RuntimeFailure(f"cannot write the evaluation to {dest}: {err.strerror or err}") from err
+    return [dest / name for name in names]
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`. A previous `dest` is first renamed aside and removed only
+    after `new` is in place (Python has no atomic exchange of two folders)."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except OSError:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    if old is not None:
+        _remove(old)
+    try:
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames reach the disk with the files
+        finally:
+            os.close(fd)
+    except OSError as err:
+        log.debug("cannot fsync %s: %s", dest.parent, err)  # some file systems refuse it; not fatal
+
+
+def _remove(folder: Path) -> None:
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass  # never created (mkdir failed) or already gone
+    except OSError as err:
+        # A leftover hidden folder is untidy but harmless; the command's outcome stands.
+        log.warning("cannot remove %s: %s", folder, err.strerror or err)
 
 
 def _png(fig) -> bytes:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                  "legitseg.pipeline.profile"]),
     ("output", ["legitseg.writers", "legitseg.overlay"]),
     ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),
-    ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_output",
+    ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_truth", "legitseg.evaluate_output",
               "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify",
               "legitseg.verify_compare", "legitseg.verify_package", "legitseg.inputs"]),
     ("api", ["legitseg.api"]),
