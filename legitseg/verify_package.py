@@ -112,8 +112,8 @@ def _read_doc(path: Path, expect_digest: str | None) -> tuple[str, PackageDoc]:
     if not isinstance(raw, dict) or raw.get("kind") != PACKAGE_KIND:
         raise _fail(file, f"not a verification package (kind is not {PACKAGE_KIND!r})")
     if raw.get("version") != PACKAGE_VERSION:
-        raise _fail(file, f"package format version {raw.get('version')!r}; "
-                          f"this legitseg reads version {PACKAGE_VERSION}")
+        raise _fail(file, f"field version: package format version {raw.get('version')!r}; "
+                          f"this legitseg reads version {PACKAGE_VERSION} (a number)")
     try:
         return digest, PackageDoc.model_validate(raw)
     except ValidationError as err:
@@ -160,9 +160,9 @@ def _hash_files(path: Path, root: Path, file: Path, doc: PackageDoc) -> dict[str
         except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
             raise VerificationPackageError(f"{path}: package file {rel} is missing or unreadable ({err})") from err
         if not target.is_relative_to(root):
-            raise _fail(file, f"field files key {rel!r}: a symlink that leads outside the package")
+            raise _fail(file, f"field files[{rel!r}]: a symlink that leads outside the package")
         if not target.is_file():
-            raise _fail(file, f"field files key {rel!r}: not a regular file")
+            raise _fail(file, f"field files[{rel!r}]: not a regular file")
         try:
             actual[rel] = sha256_file(target)  # in 1 MiB chunks: flat memory for any size
         except OSError as err:

@@ -137,19 +137,32 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def field_path(loc: list[str | int]) -> str:
+    """`cases.0.input`, `files['cases/a/b.png']`: names are dotted, keys that are not names quoted."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
 def describe(err: ValidationError, limit: int = 3) -> str:
     """`field cases.0: ... (got 'x'); ...`: the first `limit` problems, each naming its field path."""
     errors = err.errors()
     parts = []
     for e in errors[:limit]:
-        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-after")]
+        loc = [p for p in e["loc"] if not str(p).startswith("function-after")]
+        if len(loc) > 2 and loc[0] == "models" and loc[2] in ("segmentation", "severity"):
+            del loc[2]  # the union's tag, which pydantic puts in the path: the field is models.<name>.<key>
         if loc and loc[-1] == "[key]":  # pydantic's mark for a dict key: the key is the field
             loc = loc[:-1]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = "" if e["type"] in ("missing", "value_error", "extra_forbidden") else f" (got {_short(e['input'])})"
-        parts.append(f"field {'.'.join(loc) or '(top level)'}: {msg}{got}")
+        parts.append(f"field {field_path(loc) or '(top level)'}: {msg}{got}")
     if len(errors) > limit:
         parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts)
