@@ -93,9 +93,11 @@ def _load_json(file: Path, data: bytes) -> Any:
         raise _fail(file, f"not valid JSON: {err}") from err
 
 
-def _read_doc(path: Path, expect_digest: str | None) -> tuple[str, PackageDoc]:
+def _read_doc(path: Path, root: Path, expect_digest: str | None) -> tuple[str, PackageDoc]:
     file = path / PACKAGE_FILE
     try:
+        if not file.resolve().is_relative_to(root):
+            raise _fail(file, "a symlink that leads outside the package")
         if file.stat().st_size > MAX_JSON_BYTES:
             raise _fail(file, f"larger than {MAX_JSON_BYTES >> 20} MiB; not a package.json")
         data = file.read_bytes()
@@ -212,12 +214,14 @@ def read_package(path: Path, expect_digest: str | None = None) -> Package:
     Raises VerificationPackageError (exit 3) naming the file, the field and the value.
     """
     file = path / PACKAGE_FILE
-    digest, doc = _read_doc(path, expect_digest)
-    tolerances = _tolerances(file, doc)
     try:
         root = path.resolve(strict=True)
-    except OSError as err:
+    except FileNotFoundError as err:
+        raise VerificationPackageError(f"{path}: not a verification package (no such folder)") from err
+    except (OSError, RuntimeError) as err:
         raise _fail(path, f"cannot read the package folder ({err})") from err
+    digest, doc = _read_doc(path, root, expect_digest)
+    tolerances = _tolerances(file, doc)
     _check_case_entries(path, file, doc)
     actual = _hash_files(path, root, file, doc)
     pkg = Package(path, digest, doc, [], tolerances)

@@ -140,6 +140,12 @@ def test_item4_symlink_leading_outside_the_package_is_refused(made, package, tmp
     refused(verify(made, package, tmp_path / "r"), tmp_path / "r", f"field files[{rel!r}]", "symlink")
 
 
+def test_item4_package_json_symlink_leading_outside_is_refused(made, package, tmp_path):
+    shutil.move(package / "package.json", tmp_path / "package.json")
+    (package / "package.json").symlink_to(tmp_path / "package.json")  # main read it and PASSED
+    refused(verify(made, package, tmp_path / "r"), tmp_path / "r", "package.json: a symlink")
+
+
 # -- every file hashed, inputs checked ---------------------------------------------------------
 def test_item4_files_is_required(made, package, tmp_path):
     rel = f"cases/{case(package)['name']}/expected/seg.png"
