@@ -14,6 +14,7 @@ Never prints; the CLI shows the returned `Verification`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,15 @@ from legitseg.verify_package import (
     PACKAGE_FILE,
     PACKAGE_KIND,
     PACKAGE_VERSION,
+    Case,
     ModelCheck,
+    Package,
     check_model,
     read_package,
     settings_fields,
 )
+from legitseg.verify_schema import SeverityExpected
+from legitseg.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +99,16 @@ class MadePackage:
     path: Path
     cases: list[str]
     backends: dict[str, str]
+    digest: str  # sha256 of package.json: what an auditor pins with --expect-digest
+
+
+def _safe_name(name: str) -> str:
+    """`name` with only letters, digits, `.`, `_` and `-`: a valid package path component everywhere."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
 
 
 def _case_name(name: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+    base = _safe_name(name) or "case"
     candidate, n = base, 2
     while candidate in taken:
         candidate, n = f"{base}-{n}", n + 1
@@ -109,7 +121,8 @@ def _write_case(root: Path, case: str, record: ImageRecord, out: Path) -> dict[s
     data = Path(record.source or record.image).read_bytes()
     if sha256_bytes(data) != record.sha256:
         raise RuntimeFailure(f"{record.image} changed while the package was being made")
-    image_name = Path(record.source or record.image).name
+    given = Path(record.source or record.image)
+    image_name = _safe_name(given.name) or f"input{_safe_name(given.suffix)}"
     atomic_write(folder / image_name, data)
     expected: dict[str, Any] = {}
     for model, entry in record.models.items():
@@ -138,7 +151,7 @@ def _npz_bytes(q: np.ndarray) -> bytes:
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): sha256_bytes(p.read_bytes())
+    return {p.relative_to(root).as_posix(): sha256_file(p)
             for p in sorted((root / CASES).rglob("*")) if p.is_file()}
 
 
@@ -185,6 +198,8 @@ def make_package(package: Path, images: list[str], manifest: Manifest, specs: li
             "provenance": run_file,
         }
         write_json(staging / PACKAGE_FILE, data)
+        # What verify will demand, checked on what was written: a package --make makes always verifies.
+        digest = read_package(staging).digest
         if package.exists():
             package.rmdir()  # empty (checked above); rename cannot replace it everywhere
         os.rename(staging, package)
@@ -193,7 +208,7 @@ def make_package(package: Path, images: list[str], manifest: Manifest, specs: li
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("verification package %s: %d case(s), %d model(s)", package, len(cases), len(specs))
-    return MadePackage(package, [c["name"] for c in cases], backends)
+    return MadePackage(package, [c["name"] for c in cases], backends, digest)
 
 
 @dataclass
@@ -224,6 +239,7 @@ class CaseVerdict:
 @dataclass
 class Verification:
     ok: bool
+    package_digest: str
     models: list[ModelCheck]
     cases: list[CaseVerdict]
     out: Path
@@ -231,41 +247,59 @@ class Verification:
     report_path: Path
 
 
-def _compare(name: str, record: ImageRecord | None, case_dir: Path, expected: dict[str, Any], out: Path,
-             tolerances: dict[str, Tolerances]) -> CaseVerdict:
-    verdict = CaseVerdict(name)
+def _decode_expected(pkg: Package, mask_rel: str, npz_rel: str) -> tuple[np.ndarray, np.ndarray]:
+    """The expected mask and quantised map, decoded from bytes checked against the package's sha256."""
+    mask = cv2.imdecode(np.frombuffer(pkg.read(mask_rel), np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise VerificationPackageError(f"{pkg.path}: package file {mask_rel} is not a readable mask")
+    try:
+        with np.load(io.BytesIO(pkg.read(npz_rel))) as npz:
+            return mask, npz["probabilities"]
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise VerificationPackageError(f"{pkg.path}: package file {npz_rel} holds no probability map "
+                                       f"({err})") from err
+
+
+def _compare(pkg: Package, case: Case, record: ImageRecord | None, out: Path) -> CaseVerdict:
+    verdict = CaseVerdict(case.name)
     if record is None:
         verdict.error = "the verifying run produced no record for this case"
         return verdict
-    for model, want in expected.items():
+    if record.sha256 != case.entry.sha256:  # the bytes run are the bytes checked, or nothing holds
+        raise VerificationPackageError(f"{pkg.path}: {case.entry.input} changed while it was verified "
+                                       f"(sha256 {record.sha256}, the case says {case.entry.sha256})")
+    for model, want in case.expected.items():
         entry = record.models.get(model)
-        tol = tolerances[model]
+        tol = pkg.tolerances[model]
         if entry is None or not entry.ok:
             verdict.comparisons.append(ModelComparison(model, error=entry.error if entry else "no result"))
-        elif want.get("task") == "severity":
-            verdict.comparisons.append(compare_severity(model, want, entry.probabilities or [],
+        elif isinstance(want, SeverityExpected):
+            verdict.comparisons.append(compare_severity(model, want.model_dump(), entry.probabilities or [],
                                                         entry.score, entry.grade, tol))
         else:
-            expected_mask = cv2.imread(str(case_dir / want["mask"]), cv2.IMREAD_UNCHANGED)
+            expected_mask, expected_q = _decode_expected(pkg, f"{case.folder}/{want.mask}",
+                                                         f"{case.folder}/{want.probabilities}")
             mask = cv2.imread(str(out / entry.mask), cv2.IMREAD_UNCHANGED)
-            if expected_mask is None or mask is None:
-                raise VerificationPackageError(f"{case_dir}: cannot read the mask of {model}")
-            with np.load(case_dir / want["probabilities"]) as a, np.load(out / entry.probability_map) as b:
-                expected_q, probabilities = a["probabilities"], b["probabilities"]
+            if mask is None:
+                raise RuntimeFailure(f"cannot read the verifying run's mask {out / entry.mask}")
+            with np.load(out / entry.probability_map) as b:
+                probabilities = b["probabilities"]
             verdict.comparisons.append(compare_segmentation(model, expected_mask, expected_q, mask,
                                                             probabilities, tol))
     return verdict
 
 
 def verify_package(package: Path, manifest: Manifest, *, out: Path | None = None, device: str = "auto",
-                   backend: str | None = None, stop: threading.Event | None = None) -> Verification:
+                   backend: str | None = None, stop: threading.Event | None = None,
+                   expect_digest: str | None = None) -> Verification:
     """Run a package's cases through the pipeline and compare them; write verification.json and report.md.
 
     `out` (default PACKAGE/results/<time>-<pid>) must be new or empty; the run's own outputs
     go to `out/outputs`. Raises VerificationPackageError or ManifestError (exit 3) for a
-    damaged package or a model the manifest lacks; a failed comparison is not an error.
+    damaged package, one whose package.json sha256 is not `expect_digest`, or a model the
+    manifest lacks; a failed comparison is not an error.
     """
-    pkg = read_package(package)
+    pkg = read_package(package, expect_digest)
     specs = []
     for name in pkg.models:
         if name not in manifest.models:
@@ -275,23 +309,20 @@ def verify_package(package: Path, manifest: Manifest, *, out: Path | None = None
     checks = [check_model(s, pkg.models[s.name], pkg.tolerances[s.name]) for s in specs]
     out = out or package / RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     _empty_or_absent(out, "results folder")
-    inputs = [str(package / c["input"]) for c in pkg.cases]
+    inputs = [str(package / c.entry.input) for c in pkg.cases]
     records, run_file = _run(inputs, out / "outputs", manifest, specs, device, backend,
                              stop or threading.Event())
     for check in checks:
         check.backend_now = run_file.get("models", {}).get(check.name, {}).get("backend")
-    verdicts = []
-    for case in pkg.cases:
-        case_dir = package / CASES / case["name"]
-        expected = json.loads((case_dir / "scores.json").read_text(encoding="utf-8"))["models"]
-        record = records.get(source_key(package / case["input"]))
-        verdicts.append(_compare(case["name"], record, case_dir, expected, out / "outputs", pkg.tolerances))
+    verdicts = [_compare(pkg, case, records.get(source_key(package / case.entry.input)), out / "outputs")
+                for case in pkg.cases]
     ok = all(c.ok for c in checks) and all(v.ok for v in verdicts)
     doc = {
         "ok": ok,
         "package": str(package),
-        "package_created": pkg.data.get("created"),
-        "package_legitseg": pkg.data.get("legitseg"),
+        "package_sha256": pkg.digest,
+        "package_created": pkg.doc.created,
+        "package_legitseg": pkg.doc.legitseg,
         "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "manifest": {"path": str(manifest.path), "sha256": manifest.sha256},
         "counts": {"cases": len(verdicts), "passed": sum(v.ok for v in verdicts),
@@ -303,4 +334,4 @@ def verify_package(package: Path, manifest: Manifest, *, out: Path | None = None
     json_path, report_path = out / "verification.json", out / "report.md"
     write_json(json_path, doc)
     atomic_write(report_path, render_markdown(json.loads(dumps(doc))).encode())
-    return Verification(ok, checks, verdicts, out, json_path, report_path)
+    return Verification(ok, pkg.digest, checks, verdicts, out, json_path, report_path)

@@ -134,6 +134,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"- package: `{data['package']}` (made {data.get('package_created', '?')} "
         f"with legitseg {data.get('package_legitseg', '?')})",
+        f"- package sha256 (of its package.json; pin it with `--expect-digest`): `{data['package_sha256']}`",
         f"- verified: {data['verified_at']}, legitseg {versions.get('legitseg')}, torch {versions.get('torch')}, "
         f"onnxruntime {versions.get('onnxruntime')}, device {run.get('device')}",
         f"- manifest: `{data['manifest']['path']}` (sha256 `{data['manifest']['sha256']}`)",

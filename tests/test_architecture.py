@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),
     ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_truth", "legitseg.evaluate_output",
               "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify",
-              "legitseg.verify_compare", "legitseg.verify_package", "legitseg.inputs"]),
+              "legitseg.verify_compare", "legitseg.verify_package", "legitseg.verify_schema", "legitseg.inputs"]),
     ("api", ["legitseg.api"]),
     ("cli", ["legitseg.cli", "legitseg.cli.*", "legitseg.__main__"]),
 ]
