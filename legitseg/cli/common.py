@@ -156,6 +156,7 @@ def emit_table(title: str, columns: tuple[str, ...], rows: list[list[str]],
         Console().print(table)
     else:
         sys.stdout.write(tsv(columns, rows))
+        sys.stdout.flush()  # a closed pipe must fail here, inside the command, not at exit
 
 
 def manifest_path(manifest: Path | None) -> Path:
