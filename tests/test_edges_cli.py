@@ -169,13 +169,11 @@ def _closed_stdout(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("args", [["summary"], ["summary", "--json"], ["models", "list"]],
-                         ids=["summary", "summary-json", "models-list"])
+@pytest.mark.parametrize("args", [["summary", "{out}"], ["summary", "{out}", "--json"],
+                                  ["models", "list", "-m", "{manifest}"], ["info"]],
+                         ids=["summary", "summary-json", "models-list", "info-rich-table"])
 def test_item3_closed_stdout_is_quiet_and_exits_141(done, args):
-    if args[0] == "summary":
-        args = [*args, str(done["out"])]
-    else:
-        args = [*args, "-m", str(done["manifest"])]
+    args = [a.format(out=done["out"], manifest=done["manifest"]) for a in args]
     r = _closed_stdout(*args)
     # models list warns about the manifest (no normalize); nothing else may be said
     said = [line for line in r.stderr.splitlines() if "WARNING model 'seg': no normalize" not in line]

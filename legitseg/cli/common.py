@@ -111,6 +111,12 @@ def handles_errors(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, click_errors.ClickException):
             raise  # a chosen exit code, or a usage error that main() words
+        except SystemExit as err:
+            if not isinstance(err.__context__, BrokenPipeError):
+                raise
+            # rich's Console met a closed stdout: it has pointed stdout at /dev/null already
+            # and exits 1, which scripts would read as "images failed".
+            raise typer.Exit(EXIT_SIGPIPE) from None
         except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the contract above
             raise typer.Exit(exit_code_for(err)) from None
 
