@@ -53,7 +53,7 @@ def _bom(cmp: LockComparison | None, lock: Path, dists: dict[str, tuple[str, str
          py: dict[str, Any], os_: dict[str, str], cpu: dict[str, Any], cuda: dict[str, Any]):
     from cyclonedx.model import Property
     from cyclonedx.model.bom import Bom
-    from cyclonedx.model.component import Component, ComponentType
+    from cyclonedx.model.component import Component, ComponentScope, ComponentType
     from packageurl import PackageURL
 
     def props(prefix: str, items: dict[str, Any]) -> list:
@@ -86,12 +86,20 @@ def _bom(cmp: LockComparison | None, lock: Path, dists: dict[str, tuple[str, str
         type=ComponentType.DEVICE, name=cpu["model"], bom_ref="cpu",
         properties=props("cpu", {"machine": cpu["machine"], "logical_cores": cpu["logical_cores"],
                                  "usable_cores": cpu["usable_cores"], "flags": " ".join(cpu["flags"])})))
+    torch_version = dists.get("torch", ("torch", None))[1]
     for name, version in (("cuda-runtime", cuda["torch_cuda"]), ("cudnn", cuda["cudnn"])):
         if version:
+            # What torch was compiled against, not something found installed on this host:
+            # without a usable GPU the component is `optional` (CycloneDX: not present or
+            # not callable at runtime), so a scanner does not count it as installed.
             bom.components.add(Component(
                 type=ComponentType.LIBRARY, name=name, version=version, bom_ref=name,
-                description="the version torch was built with",
-                properties=props("cuda", {"available": cuda["available"]})))
+                scope=None if cuda["available"] else ComponentScope.OPTIONAL,
+                description=f"built with: the {name} version torch {torch_version or ''} was built "
+                            "against; " + ("usable on this host" if cuda["available"] else
+                                           "not usable on this host (no CUDA device)"),
+                properties=props("cuda", {"built-with": f"torch {torch_version}" if torch_version else "torch",
+                                          "available": cuda["available"]})))
     for dev in cuda["devices"]:
         bom.components.add(Component(
             type=ComponentType.DEVICE, name=dev["name"], bom_ref=f"cuda:{dev['index']}",
@@ -115,6 +123,8 @@ def _lock_properties(cmp: LockComparison | None, lock: Path) -> list:
     if cmp is None:
         return [*out, Property(name="legitseg:lock:status", value="absent")]
     out.append(Property(name="legitseg:lock:sha256", value=cmp.sha256))
+    out += [Property(name="legitseg:lock:extra", value=f"{digest}  {path.absolute()}")
+            for path, digest in cmp.extra_files.items()]
     out.append(Property(name="legitseg:lock:status", value="match" if cmp.matches else "differs"))
     out += [Property(name="legitseg:lock:different",
                      value=f"{cmp.locked[k][0]}=={want} installed {have}")

@@ -87,11 +87,18 @@ class LockComparison:
     different: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (locked, installed)
     missing: dict[str, str] = field(default_factory=dict)               # -> locked version
     unlocked: dict[str, str] = field(default_factory=dict)              # installed, not in the lock
+    optional: set[str] = field(default_factory=set)     # locked keys pinned by an extra's file
+    extra_files: dict[Path, str] = field(default_factory=dict)          # extra's pin file -> sha256
 
     @property
     def matches(self) -> bool:
         """Every locked distribution is installed at its locked version (extras are allowed)."""
         return not self.different and not self.missing
+
+
+# Pins of the optional extras (`pip install 'legitseg[ray]'`), read from beside the lock:
+# a distribution they pin is locked when installed; an extra not installed is no mismatch.
+EXTRA_LOCKS = ("requirements_ray.txt",)
 
 
 def lock_file() -> Path:
@@ -114,22 +121,38 @@ def compare_lock(lock: Path | None = None) -> LockComparison | None:
     if not lock.is_file():
         return None
     data = lock.read_bytes()
-    locked: dict[str, tuple[str, str]] = {}
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, want = (part.strip() for part in line.split("==", 1))
-            locked[norm_name(name)] = (name, want)
+    locked = _pins(data)
     result = LockComparison(lock, hashlib.sha256(data).hexdigest(), locked)
+    for extra in (lock.parent / name for name in EXTRA_LOCKS):
+        if extra.is_file() and extra.resolve() != lock.resolve():
+            extra_data = extra.read_bytes()
+            result.extra_files[extra] = hashlib.sha256(extra_data).hexdigest()
+            for key, pin in _pins(extra_data).items():
+                if key not in locked:
+                    locked[key] = pin
+                    result.optional.add(key)
     installed = installed_distributions()
     for key, (_, want) in locked.items():
         if key not in installed:
-            result.missing[key] = want
+            if key not in result.optional:
+                result.missing[key] = want
         elif not _same_version(want, installed[key][1]):
             result.different[key] = (want, installed[key][1])
     own = norm_name("legitseg")
     result.unlocked = {k: v for k, (_, v) in installed.items() if k not in locked and k != own}
     return result
+
+
+def _pins(data: bytes) -> dict[str, tuple[str, str]]:
+    """`name==version` lines -> norm name -> (name, version); `ray[data]==2.60.0` pins `ray`."""
+    pins: dict[str, tuple[str, str]] = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, want = (part.strip() for part in line.split("==", 1))
+            name = name.split("[", 1)[0].strip()
+            pins[norm_name(name)] = (name, want)
+    return pins
 
 
 def lock_mismatches(lock: Path | None = None) -> list[str] | None:

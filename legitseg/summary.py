@@ -7,6 +7,7 @@ summaries are those of a quiet folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import statistics
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legitseg.errors import UsageError
+from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.lock import OutputLock
 from legitseg.pipeline.sources import OUT_MARKER
 from legitseg.records import ImageRecord
 from legitseg.run import RUNS
-from legitseg.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries
+from legitseg.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries, scan_records
 
 log = logging.getLogger(__name__)
 RECENT_RUNS = 5  # runs listed in the text form; --json lists them all
@@ -99,17 +100,30 @@ def read_runs(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def summary(out: Path) -> dict[str, Any]:
     """Rebuild OUT's scores.jsonl/csv from its records and return what OUT holds.
 
+    A read-only OUT (an archive, a read-only mount) is described from its records without
+    rebuilding scores.*: `scores_rebuilt` is then False and one warning says so.
     Raises UsageError (exit 2) when OUT is not a legitseg output folder, OutputLocked
-    (exit 5) while a run holds it, RuntimeFailure (exit 4) when it cannot be written.
+    (exit 5) while a run holds it, RuntimeFailure (exit 4) when writing fails otherwise
+    (a full disk: the summary must not pass for complete).
     """
     if not (out / OUT_MARKER).exists() and not (out / RECORDS).is_dir():
         raise UsageError(f"{out} is not a legitseg output folder (no {RECORDS}/ and no {OUT_MARKER}); "
                          "give the -o folder of a `legitseg run`")
-    with OutputLock(out):
-        scan = rebuild_summaries(out)
+    try:
+        with OutputLock(out):
+            scan = rebuild_summaries(out)
+        rebuilt = True
+    except RuntimeFailure as err:
+        if not _read_only(err):
+            raise
+        # Nothing can write to a folder we may not write to either, so the records are stable.
+        log.warning("%s is read-only: scores.jsonl and scores.csv were not rebuilt (%s)", out, err)
+        scan = scan_records(out)
+        rebuilt = False
     runs, bad_runs = read_runs(out)
     records = scan.records
-    files = {"scores.jsonl": str(out / "scores.jsonl"), "scores.csv": str(out / "scores.csv")}
+    files = {name: str(out / name) for name in ("scores.jsonl", "scores.csv")
+             if rebuilt or (out / name).is_file()}
     if (out / "run.json").is_file():
         files["run.json"] = str(out / "run.json")
     for what in (MASKS, PROBABILITIES):
@@ -125,7 +139,13 @@ def summary(out: Path) -> dict[str, Any]:
         "runs": runs,
         "unreadable_runs": bad_runs,
         "files": files,
+        "scores_rebuilt": rebuilt,
     }
+
+
+def _read_only(err: RuntimeFailure) -> bool:
+    cause = err.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _fmt(value: float) -> str:

@@ -6,7 +6,6 @@ commands that need it, so `legitseg --help` and `legitseg models list` stay fast
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated
 
@@ -14,15 +13,9 @@ import typer
 
 from legitseg import __version__
 from legitseg.cli import evaluate, misc, run, summary, verify
+from legitseg.cli.common import click_errors, exit_code_for, set_root_verbose
 from legitseg.cli.models import models_app
-
-# typer >= 0.2x carries its own copy of click; its exceptions are the ones raised.
-try:
-    from typer._click import exceptions as click_errors
-except ImportError:  # an older typer on plain click
-    from click import exceptions as click_errors
-
-from legitseg.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_USAGE
+from legitseg.errors import EXIT_USAGE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run segmentation-models-pytorch models over folders of images.")
@@ -39,8 +32,12 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Debug logging, and the traceback of an unexpected error, "
+                                               "for any command: legitseg -v COMMAND ...")] = False,
 ) -> None:
     """legitseg: batch inference of smp segmentation and severity models."""
+    set_root_verbose(verbose)
 
 
 run.register(app)
@@ -51,7 +48,9 @@ summary.register(app)
 
 
 def main() -> None:
-    """Console-script entry point: usage errors are one line on stderr (cron logs keep them whole)."""
+    """Console-script entry point: usage errors are one line on stderr (cron logs keep them whole);
+    whatever escapes a command (or happens before one starts) follows the error contract of
+    legitseg.cli.common."""
     try:
         code = app(standalone_mode=False, prog_name="legitseg")
     except click_errors.NoArgsIsHelpError as err:
@@ -64,11 +63,7 @@ def main() -> None:
     except click_errors.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except click_errors.Abort:
-        sys.exit(EXIT_SIGINT)
-    except BrokenPipeError:
-        # `legitseg run --jsonl | head` closed our stdout; not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_SIGPIPE)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the error contract
+        sys.exit(exit_code_for(err))
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -8,11 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from legitseg.cli.common import ManifestOpt, err_console, handles_errors, load, setup_logging, split
+from legitseg.cli.common import (
+    ManifestOpt,
+    emit_table,
+    err_console,
+    handles_errors,
+    load,
+    setup_logging,
+    split,
+)
 from legitseg.describe import (
     CHECK_COLUMNS,
     LIST_COLUMNS,
@@ -20,7 +25,6 @@ from legitseg.describe import (
     check_row,
     list_row,
     model_record,
-    tsv,
 )
 from legitseg.errors import EXIT_INTEGRITY, UsageError
 
@@ -31,19 +35,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON array on stdout,
 
 
 def _emit(title: str, columns: tuple[str, ...], rows: list[list[str]], records: list[dict], as_json: bool,
-          styles: dict[str, dict[str, str]] | None = None) -> None:
+          styles: dict[str, str] | None = None) -> None:
     """JSON with --json; else a table on a terminal, tab-separated text (header row first) otherwise."""
     if as_json:
         typer.echo(json.dumps(records, indent=2))
-    elif sys.stdout.isatty():
-        table = Table(title=title, title_justify="left")
-        for col in columns:
-            table.add_column(col.replace("_", " "), overflow="fold")
-        for row in rows:
-            table.add_row(*[escape(c) if c not in (styles or {}) else styles[c] for c in row])
-        Console().print(table)
     else:
-        sys.stdout.write(tsv(columns, rows))
+        emit_table(title, columns, rows, styles)
 
 
 @models_app.command("list")
@@ -95,7 +92,6 @@ def models_hash(file: Annotated[Path, typer.Argument(help="Weights file or smp s
     except OSError as err:
         raise UsageError(f"cannot read {target}: {err.strerror or err}") from err
     typer.echo(f"{digest}  {target}")
-
 
 
 @models_app.command("convert")

@@ -16,19 +16,13 @@ import typer
 from legitseg.cli.common import (
     ManifestOpt,
     err_console,
-    fail,
+    handles_errors,
     log,
     manifest_path,
     setup_logging,
     split,
 )
-from legitseg.errors import (
-    EXIT_SIGINT,
-    EXIT_SIGPIPE,
-    EXIT_SIGTERM,
-    LegitsegError,
-    RuntimeFailure,
-)
+from legitseg.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM
 
 
 def register(app: typer.Typer) -> None:
@@ -102,6 +96,7 @@ class _Progress:
             self.bar.stop()
 
 
+@handles_errors
 def run(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), or - for paths on stdin")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")],
@@ -134,16 +129,10 @@ def run(
 ) -> None:
     """Run the manifest's models over images; write masks, scores and records under OUT."""
     setup_logging(quiet, verbose)
-    try:
-        code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
-                    save_probabilities, overwrite, max_pixels, jsonl, quiet,
-                    retry_failed=retry_failed, require_images=require_images, null=null,
-                    shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
-    except LegitsegError as err:
-        raise fail(err) from None
-    except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
-        log.debug("unexpected error", exc_info=True)
-        raise fail(RuntimeFailure(f"unexpected {type(err).__name__}: {err} (rerun with -v for the traceback)")) from None
+    code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
+                save_probabilities, overwrite, max_pixels, jsonl, quiet,
+                retry_failed=retry_failed, require_images=require_images, null=null,
+                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
     raise typer.Exit(code)
 
 

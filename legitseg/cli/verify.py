@@ -10,13 +10,12 @@ from typing import Annotated
 
 import typer
 
-from legitseg.cli.common import ManifestOpt, fail, load, log, setup_logging, split
+from legitseg.cli.common import ManifestOpt, fail, handles_errors, load, log, setup_logging, split
 from legitseg.errors import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_VERIFY_FAILED,
     LegitsegError,
-    RuntimeFailure,
     UsageError,
 )
 from legitseg.tolerances import Tolerances
@@ -28,6 +27,7 @@ def register(app: typer.Typer) -> None:
     app.command("verify")(verify)
 
 
+@handles_errors
 def verify(
     package: Annotated[Path, typer.Argument(help="Verification package folder")],
     images: Annotated[list[str] | None, typer.Argument(help="With --make: image files or folders to freeze as cases")] = None,
@@ -68,9 +68,6 @@ def verify(
             log.warning("interrupted: %s", err)
             raise typer.Exit(EXIT_SIGINT) from None
         raise fail(err) from None
-    except Exception as err:  # noqa: BLE001 - the documented contract: one line and exit 4
-        log.debug("unexpected error", exc_info=True)
-        raise fail(RuntimeFailure(f"unexpected {type(err).__name__}: {err} (rerun with -v for the traceback)")) from None
     finally:
         signal.signal(signal.SIGINT, old)
     raise typer.Exit(code)
