@@ -51,9 +51,11 @@ def _state_dict(obj: object, src: Path, key: str | None) -> dict:
             return d
     where, d = max(places, key=lambda p: tensors[p[0]])  # the first of the most tensor-filled
     if not tensors[where]:
-        raise WeightsError(f"{src} is a dict without tensors at {where}"
-                           + ("" if key else f" or under {', '.join(NESTED_KEYS)}")
-                           + f" (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        if key is not None:
+            raise WeightsError(f"{src}: entry {key!r} is a dict without tensors at the top level "
+                               f"(its keys: {', '.join(map(str, list(d)[:8]))})")
+        raise WeightsError(f"{src} is a dict without tensors at the top level or under "
+                           f"{', '.join(NESTED_KEYS)} (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
     bad = [k for k, v in d.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     first = bad[0]
     if isinstance(first, str):
