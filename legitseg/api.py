@@ -286,7 +286,16 @@ class Predictor:
             results.close()
 
     def predict_one(self, image: ImageLike, *, probabilities: bool = False) -> Prediction:
-        """The Prediction of one image (a file path, an array or a PIL image); a folder is a UsageError."""
+        """The Prediction of one image (a file path, an array or a PIL image).
+
+        Raises UsageError for a folder or anything else that is not one image (a dict, a
+        set, a list, a number...): those would otherwise be read as paths or dropped.
+        """
+        from legitseg.inputs import is_single
+
+        if not is_single(image):
+            raise UsageError(f"predict_one: an image of type {type(image).__name__}: give one file path, "
+                             "a numpy array or a PIL image (predict() takes folders, lists and generators)")
         if isinstance(image, str | bytes | os.PathLike) and os.path.isdir(image):
             raise UsageError(f"predict_one: {os.fsdecode(image)!r} is a folder; use predict() for folders")
         return next(iter(self.predict(image, probabilities=probabilities)))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from legitseg import __version__
 from legitseg.errors import UsageError, WeightsError
-from legitseg.weights import CONVERT_GLOBALS, extract_state_dict, sha256_file, unsafe_globals
+from legitseg.weights import CONVERT_GLOBALS, NESTED_KEYS, sha256_file, unsafe_globals
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,45 @@ def _allowed_globals() -> list:
         module, name = dotted.rsplit(".", 1)
         out.append(getattr(importlib.import_module(module), name))
     return out
+
+
+def _state_dict(obj: object, src: Path, key: str | None) -> dict:
+    """The state_dict in a loaded checkpoint: entry `key`, else the file itself, else the first of
+    NESTED_KEYS that holds only tensors. Raises WeightsError naming the file and, when a dict of
+    tensors holds something else, that entry and its type (safetensors stores tensors only)."""
+    import torch
+
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{src} holds a {type(obj).__name__}, not a state_dict")
+    if key is not None:
+        places = [(f"entry {key!r}", obj[key])]
+    else:
+        places = [("the top level", obj)] + [(f"entry {k!r}", obj[k]) for k in NESTED_KEYS
+                                             if isinstance(obj.get(k), dict)]
+    tensors = {where: sum(isinstance(v, torch.Tensor) for v in d.values()) for where, d in places}
+    for where, d in places:
+        if d and tensors[where] == len(d) and all(isinstance(k, str) for k in d):
+            return d
+    where, d = max(places, key=lambda p: tensors[p[0]])  # the first of the most tensor-filled
+    if not tensors[where]:
+        if key is not None:
+            raise WeightsError(f"{src}: entry {key!r} is a dict without tensors at the top level "
+                               f"(its keys: {', '.join(map(str, list(d)[:8]))})")
+        raise WeightsError(f"{src} is a dict without tensors at the top level or under "
+                           f"{', '.join(NESTED_KEYS)} (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+    bad = [k for k, v in d.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    first = bad[0]
+    if isinstance(first, str):
+        what = f"entry {first!r} is {_a(type(d[first]).__name__)}, not a tensor"
+    else:
+        what = f"key {first!r} is {_a(type(first).__name__)}, not a string"
+    more = f" (and {len(bad) - 1} more such entr{'y' if len(bad) == 2 else 'ies'})" if len(bad) > 1 else ""
+    raise WeightsError(f"{src}: in the state_dict at {where}, {what}{more}; a weights file holds "
+                       "tensors under string names only: remove it from the state_dict before saving")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def convert_checkpoint(src: Path, dst: Path, key: str | None = None) -> str:
@@ -66,10 +105,9 @@ def convert_checkpoint(src: Path, dst: Path, key: str | None = None) -> str:
         if not isinstance(obj, dict) or key not in obj:
             have = ", ".join(map(str, list(obj)[:12])) if isinstance(obj, dict) else type(obj).__name__
             raise WeightsError(f"{src} has no entry {key!r} (top-level keys: {have})")
-        obj = obj[key]
-        if not isinstance(obj, dict):
-            raise WeightsError(f"{src}: entry {key!r} holds a {type(obj).__name__}, not a state_dict")
-    state = extract_state_dict(obj, src, "convert")
+        if not isinstance(obj[key], dict):
+            raise WeightsError(f"{src}: entry {key!r} holds a {type(obj[key]).__name__}, not a state_dict")
+    state = _state_dict(obj, src, key)
     # clone() gives each tensor its own storage: safetensors refuses shared (tied) ones.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", "converted_by": f"legitseg {__version__}", "source": src.name,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from legitseg.errors import ImageError, LegitsegError, RuntimeFailure, UsageError
+from legitseg.ort import telemetry_env
 from legitseg.pipeline.decode import DecodedImage, Prep
 from legitseg.pipeline.sources import Source
 from legitseg.records import ImageResult
@@ -139,8 +140,10 @@ class RayEngine:
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         try:
             # Workers' stdout would reach ours (and --jsonl readers) with log_to_driver.
+            # Workers get ONNX Runtime's telemetry switch too (legitseg/ort.py): a worker
+            # that imports it by any other road still imports it with telemetry off.
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, runtime_env={"env_vars": telemetry_env()})
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             raise RuntimeFailure(f"--engine ray: cannot connect to {where}: {err}") from err

@@ -36,6 +36,7 @@ from legitseg.pipeline.decode import read_bytes
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_all
 from legitseg.records import ImageRecord
+from legitseg.shard import check_layout, claim_layout
 from legitseg.weights import verify_sha256
 from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
 
@@ -141,6 +142,7 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
         total = len(found.sources)
         found.sources = cfg.shard.select(found.sources)
         log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
+        check_layout(cfg.out, cfg.shard)  # exit 2 now, before models are built, for another N
     if cfg.engine == "ray":
         from legitseg.ray_engine import require_ray
 
@@ -209,6 +211,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
                                                                        cfg.backend)
     if not lock.held:
         lock.acquire()
+    if cfg.shard is not None:
+        claim_layout(cfg.out, cfg.shard)  # the first shard records N; another N is refused (exit 2)
     (cfg.out / OUT_MARKER).touch()
     # Temporary files of a killed run; shards leave them (another shard may be writing its own).
     removed = remove_stale_tmp(cfg.out) if lock.exclusive else 0

@@ -16,7 +16,7 @@ PACKAGE = REPO / "legitseg"
 # Lowest first. A module may import modules of its own layer or below, never above.
 # (Within a layer, the modules are siblings: the backends, say.)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names"]),
+    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names", "legitseg.ort"]),
     ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.shard", "legitseg.manifest_yaml", "legitseg.manifest_colors", "legitseg.manifest_modes", "legitseg.manifest", "legitseg.provenance",
               "legitseg.lock"]),
     ("models", ["legitseg.weights", "legitseg.factory", "legitseg.convert", "legitseg.describe",

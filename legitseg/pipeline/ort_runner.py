@@ -18,12 +18,11 @@ import torch
 
 from legitseg.errors import UsageError
 from legitseg.onnx_backend import INPUT, OUTPUT, CachedGraph, ExportFailed, cached_onnx
+from legitseg.ort import onnxruntime as import_ort
 from legitseg.pipeline.decode import Prep
 from legitseg.pipeline.runners import Preprocessor, Runner, parity, prep_for
 
 if TYPE_CHECKING:
-    import onnxruntime
-
     from legitseg.factory import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,14 +60,13 @@ def ort_threads() -> int:
 # -- sessions and the runner ---------------------------------------------------------------
 def ort_errors() -> tuple[type[Exception], ...]:
     """ONNX Runtime's own exception types (Fail, InvalidGraph, ...): they derive from Exception only."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
+    state = import_ort().capi.onnxruntime_pybind11_state
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-def make_session(data: bytes, threads: int | None = None) -> onnxruntime.InferenceSession:
+def make_session(data: bytes, threads: int | None = None) -> Any:
     """A CPU ONNX Runtime session for a serialized graph; `threads` defaults to `ort_threads()`."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or ort_threads()
@@ -82,7 +80,7 @@ def make_session(data: bytes, threads: int | None = None) -> onnxruntime.Inferen
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def ort_session(loaded: LoadedModel, threads: int | None = None) -> onnxruntime.InferenceSession:
+def ort_session(loaded: LoadedModel, threads: int | None = None) -> Any:
     """A session for `loaded` through the cache (for benchmarks; runs use `gate`).
 
     Raises ExportFailed. Does not run the parity gate.

@@ -55,7 +55,7 @@ def to_rgb(pixels: Any, max_pixels: int) -> np.ndarray:
     """A C-contiguous (H, W, 3) uint8 RGB array from an array or a PIL image. Raises ImageError.
 
     Arrays: (H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA (alpha dropped), uint8,
-    or uint16 scaled by value/257. PIL images: EXIF orientation applied (as for files), then
+    or uint16 (either byte order) scaled by value/257. PIL images: EXIF orientation applied (as for files), then
     converted to RGB (palette expanded, alpha dropped, 16-bit gray scaled by value/257).
     """
     if isinstance(pixels, Image.Image):
@@ -68,6 +68,10 @@ def to_rgb(pixels: Any, max_pixels: int) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise ImageError(f"array of shape {arr.shape}: expected (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA")
     _check_size(arr.shape[0], arr.shape[1], max_pixels)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2) and not arr.dtype.isnative:
+        # Big-endian samples (`>u2`, e.g. from a FITS or raw TIFF reader) are the same
+        # values: compared by dtype they would be refused, though 16-bit files are read.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.uint16:
         arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif arr.dtype != np.uint8:
