@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from legitseg.pipeline import device_decode
-from legitseg.pipeline.runners import out_of_memory
+from legitseg.pipeline.device_decode import out_of_memory
 from tests.images import picture, save
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,11 @@ always takes the same path. `LEGITSEG_GPU_DECODE=0` turns the path off.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +33,6 @@ from PIL import Image
 from legitseg.errors import ImageError
 from legitseg.pipeline.decode import DecodedImage, Prep, decode_rgb, prepared
 from legitseg.pipeline.naming import source_key
-from legitseg.pipeline.runners import free_memory, out_of_memory
 from legitseg.records import ImageResult, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,30 @@ def plan(data: bytes, fmt: str) -> tuple[tuple[int, int], int] | None:
     turn = orientation(data)
     h, w = frame.height, frame.width
     return ((w, h) if turn >= 5 else (h, w)), turn
+
+
+# How device memory running out reads when it is not a torch.OutOfMemoryError: the CUDA runtime's
+# own text (cudaErrorMemoryAllocation), cuBLAS and cuDNN workspaces (CUBLAS_STATUS_ALLOC_FAILED,
+# CUDNN_STATUS_ALLOC_FAILED), and nvJPEG through torchvision, which re-raises whatever the decoder
+# hit as a RuntimeError ("Error while decoding JPEG images: ...") and prints nvJPEG's status as a
+# number: 5 is NVJPEG_STATUS_ALLOCATOR_FAILURE; a stream synchronisation prints a cudaError_t, of
+# which 2 is cudaErrorMemoryAllocation.
+_OOM = re.compile(r"out of memory|_ALLOC_FAILED|NVJPEG_STATUS_ALLOCATOR_FAILURE"
+                  r"|Failed to (?!synchronize)[a-z ]+: 5\b|Failed to synchronize CUDA stream: 2\b", re.IGNORECASE)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what a failed batch held: its tensors are unreachable once the exception is gone."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` means the device ran out of memory (by its type, else by its message)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and _OOM.search(str(err)) is not None
 
 
 def enabled() -> bool:
@@ -189,7 +214,7 @@ def decode(encoded: list[torch.Tensor], device: torch.device,
 
     One batched call; if it fails, each file is tried alone so one bad file costs only itself.
     On CUDA (or with `streams` given) the decode is isolated from queued work (`Streams`).
-    Raises the decoder's RuntimeError when it ran out of memory (`runners.out_of_memory`):
+    Raises the decoder's RuntimeError when it ran out of memory (`device_decode.out_of_memory`):
     the caller empties the cache and retries, or decodes on the CPU.
     """
     if streams is None:

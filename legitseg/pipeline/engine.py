@@ -25,10 +25,11 @@ from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.pipeline import device_decode as device_decode_module
 from legitseg.pipeline import postprocess
 from legitseg.pipeline.decode import DecodedImage, Prep, load_image
+from legitseg.pipeline.device_decode import free_memory, out_of_memory
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.pixels import PixelSource
 from legitseg.pipeline.profile import Profile
-from legitseg.pipeline.runners import Runner, free_memory, out_of_memory
+from legitseg.pipeline.runners import Runner
 from legitseg.pipeline.sources import Source
 from legitseg.pipeline.transfer import Pending, Transfer
 from legitseg.records import ImageResult, ModelOutput
@@ -132,7 +133,7 @@ class Engine(device_decode_module.DeviceInputs):
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
         """Logits per item (on the device). Same-shape inputs share a batch.
 
-        A batch that runs out of memory (`runners.out_of_memory`: torch's error, cuBLAS or
+        A batch that runs out of memory (`device_decode.out_of_memory`: torch's error, cuBLAS or
         cuDNN failing to allocate) is dropped entirely (no reference to it survives the
         retry) and the cache emptied; it is tried once more, then in halves; the size that
         fits is kept for the rest of the run. Only an image that does not fit alone fails.

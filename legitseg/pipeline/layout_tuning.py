@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from legitseg.fsio import atomic_write, cache_root
+from legitseg.pipeline.device_decode import out_of_memory
 from legitseg.pipeline.infer import LAYOUTS, VARIANT_TOLERANCE, variants
 from legitseg.pipeline.postprocess import activation
 
@@ -105,7 +106,9 @@ def tune(runner: TorchRunner, arrays: list) -> None:
         oom = False
         try:
             seconds, y = _time(runner, x0.contiguous(memory_format=LAYOUTS[variant]))
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # cuDNN/cuBLAS workspaces fail as plain RuntimeErrors
+            if not out_of_memory(err):
+                raise
             oom = True  # handled below, once the traceback is released
         if oom:
             runner._use(default)
