@@ -258,7 +258,6 @@ class Predictor:
         """
         from legitseg.inputs import iter_sources
         from legitseg.pipeline.engine import Engine
-        from legitseg.pipeline.infer import math_mode
         from legitseg.pipeline.pixels import PixelSource
 
         # The engine yields one result per source, in order: the kinds queue pairs them up.
@@ -274,13 +273,14 @@ class Predictor:
                         post_threads=self.writers, save_probabilities=probabilities,
                         max_pixels=self.max_pixels, stop=stop)
         results = engine.process(sources())
+        # No math mode is held across the yield: each forward pass switches TF32 for itself
+        # (TorchRunner.forward), so two predict() generators of different precisions interleave safely.
         try:
-            with math_mode(self.precision):
-                for result in results:
-                    prediction = self._prediction(result, kinds.popleft())
-                    if raise_on_error and not prediction.ok:
-                        raise ImageFailed(prediction)
-                    yield prediction
+            for result in results:
+                prediction = self._prediction(result, kinds.popleft())
+                if raise_on_error and not prediction.ok:
+                    raise ImageFailed(prediction)
+                yield prediction
         finally:
             stop.set()
             results.close()

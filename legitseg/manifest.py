@@ -88,6 +88,9 @@ class ModelSpec(BaseModel):
     class_values: tuple[float, ...] | None = None
     pooling: Literal["avg", "max"] = "avg"
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # Under --precision fp16/bf16, the weights themselves in the half type (no autocast): a
+    # different arithmetic, so asked for by name and part of the settings digest (docs/manifest.md).
+    half_weights: bool = False
     # Largest allowed difference in probabilities between ONNX Runtime and torch (docs/onnx.md).
     parity_tolerance: float = Field(1e-4, gt=0.0, le=1.0)
     # Glob patterns of keys in the weights file that the model does not have and that

@@ -23,6 +23,7 @@ import os
 import pickle
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,49 @@ def _load(source: Source, preps: list[Prep], max_pixels: int) -> DecodedImage | 
     shim = Engine.__new__(Engine)  # _decode reads only these three attributes
     shim.preps, shim.max_pixels, shim.device_decode = preps, max_pixels, False  # decoded here, on the CPU
     return shim._decode(source)
+
+
+@dataclass
+class DriverRunner:
+    """What the driver knows of a model it never runs: verified weights, backend, input plan.
+
+    The Runner attributes the driver reads (run.json, records, RayEngine); `logits` is the actors'.
+    """
+
+    loaded: Any
+    device: Any
+    precision: str
+    backend: str
+    prep: Prep
+    parity: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.loaded.spec.name
+
+
+def driver_runners(specs: list, device, precision: str, backend: str | None) -> list:
+    """The driver's runners for `--engine ray`. Raises WeightsError/ManifestError (exit 3).
+
+    Weights are loaded and sha256-checked here as for the local engine. On a GPU the actors
+    build their own CUDA runners, so the driver builds none: a runner of its own would put a
+    CUDA context and a copy of every model on the driver's GPU 0 for nothing. On the CPU it
+    builds them, since the ONNX Runtime parity gate decides each model's backend there.
+    """
+    import torch
+
+    from legitseg.factory import load_model
+    from legitseg.pipeline.runners import build_runner, choose_backend, prep_for
+
+    runners: list = []
+    for spec in specs:
+        loaded = load_model(spec)
+        if torch.device(device).type == "cuda":
+            runners.append(DriverRunner(loaded, device, precision, choose_backend(backend, spec, device, precision),
+                                        prep_for(loaded)))
+        else:
+            runners.append(build_runner(loaded, device, precision, backend))
+    return runners
 
 
 class _ModelActor:

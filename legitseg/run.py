@@ -207,8 +207,14 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
             settings.workers = default_workers(device.type)
         settings.batch_size = cfg.batch_size or default_batch_size(device.type)
         settings.writers = cfg.writers or default_writers(device.type)
-        runners = list(cfg.runners) if cfg.runners else build_runners(cfg.models, device, cfg.precision,
-                                                                       cfg.backend)
+        if cfg.runners:
+            runners = list(cfg.runners)
+        elif cfg.engine == "ray":  # the actors build the runners; the driver only verifies and plans
+            from legitseg.ray_engine import driver_runners
+
+            runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend)
+        else:
+            runners = build_runners(cfg.models, device, cfg.precision, cfg.backend)
     if not lock.held:
         lock.acquire()
     if cfg.shard is not None:

@@ -257,3 +257,67 @@ def test_one_device_synchronisation_per_batch_at_most(tmp_path, recwarn):
     assert all(r.error is None for r in results)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 24 // 8, [str(w.message)[:120] for w in syncs[:5]]
+
+
+# -- the GPU path's second pass (issue 25; CPU twins in tests/test_gpu_second_pass.py) ------------------
+def test_gpu_decode_is_not_written_into_memory_that_queued_kernels_still_read(tmp_path):
+    """Blocks freed while reductions queued behind a long kernel still read them, then a batched decode:
+    the reductions and the decoded pixels equal a quiet run's. Decoding on the compute stream fails this
+    (pytorch/vision PR 9606: 199 of 200 on an H100); `device_decode.Streams` keeps the decoder off them."""
+    import time
+
+    from legitseg.pipeline import device_decode
+    from tests.images import picture, save
+
+    cuda = torch.device("cuda")
+    files = [save(tmp_path / f"{i}.jpg", picture(768, 1024, i), quality=90) for i in range(8)]
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
+    quiet = [image.cpu() for image in device_decode.decode(encoded, cuda)]
+    torch.cuda.synchronize()
+    cycles = int(torch.cuda.get_device_properties(cuda).clock_rate * 1000 * 0.05)  # ~50 ms of GPU time
+    for trial in range(30):
+        # Same byte size as the decoded images, so the allocator would hand these blocks to the decoder.
+        held = [torch.full((3, 768, 1024), k + 1, dtype=torch.uint8, device=cuda) for k in range(8)]
+        torch.cuda._sleep(cycles)  # the GPU runs behind the host
+        sums = [t.sum(dtype=torch.int64) for t in held]  # queued: they read `held` after the sleep
+        del held  # back to the pool while the reductions are still queued
+        t0 = time.perf_counter()
+        images = device_decode.decode(encoded, cuda)
+        assert time.perf_counter() - t0 < 10
+        assert [int(s) for s in sums] == [(k + 1) * 3 * 768 * 1024 for k in range(8)], trial
+        assert all(torch.equal(image.cpu(), q) for image, q in zip(images, quiet, strict=True)), trial
+
+
+def test_the_batch_event_lets_the_waiting_thread_sleep():
+    """Transfer's event is blocking: waiting for a long copy costs the waiting thread no CPU to speak of."""
+    import time
+
+    from legitseg.pipeline.transfer import Transfer
+
+    cuda = torch.device("cuda")
+    transfer = Transfer(cuda, torch.cuda.Stream(cuda))
+    torch.cuda._sleep(int(torch.cuda.get_device_properties(cuda).clock_rate * 1000 * 0.5))  # ~0.5 s
+    transfer.add(torch.ones(1000, device=cuda))
+    pending = transfer.launch()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    pending.wait()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert wall > 0.2 and cpu < 0.25 * wall, (wall, cpu)
+    assert pending.array(0).sum() == 1000
+
+
+def test_new_tf32_api_on_cuda_runs_ieee_fp32_and_is_restored(setup, tmp_path):
+    import subprocess
+    import sys
+
+    manifest, images = setup
+    code = ("import json, torch\nfrom typer.testing import CliRunner\nfrom legitseg.cli import app\n"
+            "torch.backends.fp32_precision = 'tf32'\n"
+            f"r = CliRunner().invoke(app, ['run', {str(images)!r}, '-m', {str(manifest)!r}, '-o', "
+            f"{str(tmp_path / 'out')!r}, '--device', 'cuda', '--backend', 'torch', '-q'])\n"
+            "print(json.dumps([r.exit_code, torch.backends.cudnn.conv.fp32_precision]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, "tf32"]
+    math = json.loads((tmp_path / "out" / "run.json").read_text())["math"]
+    assert math["convolution_fp32"] == "ieee" and math["matmul_fp32"] == "ieee"

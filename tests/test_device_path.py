@@ -252,7 +252,8 @@ def test_layout_tuning_measures_every_variant_and_remembers_the_choice(runners, 
     monkeypatch.setattr(layout_tuning, "_time", lambda r, x: timed.append(r.variant) or real(r, x))
     want = torch.sigmoid(plain.logits(arrays))
     got = torch.sigmoid(tuned.logits(arrays))
-    assert timed == variants(precision) and len(timed) == (4 if precision == "bf16" else 2)
+    # Only memory layouts are timed, whatever the precision: nothing a stopwatch picks changes the arithmetic.
+    assert timed == variants(precision) == ["channels_last", "contiguous"]
     assert tuned.variant in timed and tuned.tuned
     assert (got - want).abs().max() <= (1e-4 if precision == "fp32" else 5e-2)
     cache = json.loads(layout_tuning.cache_file().read_text())

@@ -92,7 +92,9 @@ def heif_header(data: bytes) -> tuple[int, int] | None:
     Parses the header only (libheif through pillow-heif); raises OSError or ValueError
     for a HEIF file whose header cannot be read.
     """
-    import pillow_heif  # imported on first use: only HEIF files need libheif
+    if data[4:8] != b"ftyp":  # every HEIF file opens with its ftyp box; nothing else needs libheif
+        return None
+    import pillow_heif  # imported only for ftyp files: a machine without it still reads JPEG and PNG
 
     if not pillow_heif.is_supported(data[:64]):
         return None

@@ -11,7 +11,6 @@ model (SPEC 4.5).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 from collections import deque
@@ -25,7 +24,8 @@ import torch
 from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.pipeline import device_decode as device_decode_module
 from legitseg.pipeline import postprocess
-from legitseg.pipeline.decode import DecodedImage, Prep, decode_rgb, load_image, prepared
+from legitseg.pipeline.decode import DecodedImage, Prep, load_image
+from legitseg.pipeline.device_decode import free_memory, out_of_memory
 from legitseg.pipeline.naming import source_key
 from legitseg.pipeline.pixels import PixelSource
 from legitseg.pipeline.profile import Profile
@@ -48,14 +48,7 @@ class Deferred:
     pending: Pending | None = None  # set once the batch's transfer is launched
 
 
-def _free(device: torch.device) -> None:
-    """Give back what a failed batch held: its tensors are unreachable once the exception is gone."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-class Engine:
+class Engine(device_decode_module.DeviceInputs):
     """Runs Sources through the models; `process` yields ImageResults."""
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
@@ -93,6 +86,8 @@ class Engine:
                              and all(type(r) is TorchRunner for r in runners))
         self.device_decode = device_decode  # decode workers leave these JPEGs encoded
         self.device_inputs = device_decode  # model inputs are device tensors (for the whole run)
+        self.upload_limit: int | None = None  # images moved to the device at once, after an out of memory
+        self._pool: ThreadPoolExecutor | None = None  # the decode pool, while `_decoded` runs
 
     # -- stage 1: decode ---------------------------------------------------------------
     def _decode(self, source: Source) -> DecodedImage | ImageError:
@@ -116,7 +111,7 @@ class Engine:
                 yield s, self._decode(s)
             return
         window = max(2 * self.workers, self.batch_size + self.workers)
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="legitseg-decode")
+        pool = self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="legitseg-decode")
         queue: deque[tuple[Source, Future]] = deque()
         it = iter(sources)
         try:
@@ -131,60 +126,17 @@ class Engine:
                 s, fut = queue.popleft()
                 yield s, fut.result()
         finally:
+            self._pool = None
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def _to_device(self, batch: list[DecodedImage | ImageResult]) -> None:
-        """Every decoded image's inputs as CHW uint8 tensors on the device (device decode on).
-
-        The JPEGs left encoded are decoded in one batch on the device, turned upright and
-        resized there; the rest, decoded on the CPU, are uploaded as they are. A JPEG the
-        device decoder refuses is decoded on the CPU; one that fails there too takes its
-        place in `batch` as a failed result.
-        """
-        device = self.runners[0].device
-        deferred = [(k, b) for k, b in enumerate(batch) if isinstance(b, DecodedImage) and b.encoded is not None]
-        images: list = [None] * len(deferred)
-        if deferred and self.device_decode:
-            images = device_decode_module.decode([b.encoded for _, b in deferred], device)
-            if len(images) > 1 and all(image is None for image in images):
-                # nvJPEG missing or broken here: not worth trying per batch; the CPU decodes from now on
-                self.device_decode = False
-                log.warning("the GPU JPEG decoder refused a whole batch on %s; JPEGs are decoded on the CPU "
-                            "for the rest of this run", device)
-        for (k, item), image in zip(deferred, images, strict=True):
-            if image is None:
-                batch[k] = self._decode_on_cpu(item)
-            else:
-                upright = device_decode_module.orient(image, item.orientation)
-                item.inputs = {p: device_decode_module.prepare(upright, p) for p in self.preps}
-                item.encoded = None
-        for item in batch:
-            if isinstance(item, DecodedImage):
-                for p, a in item.inputs.items():
-                    if not isinstance(a, torch.Tensor):  # staged in page-locked memory: no device sync
-                        t = torch.from_numpy(a)
-                        if device.type == "cuda":
-                            t = t.pin_memory().to(device, non_blocking=True)
-                        item.inputs[p] = t.permute(2, 0, 1)
-
-    def _decode_on_cpu(self, item: DecodedImage) -> DecodedImage | ImageResult:
-        """A JPEG the device decoder refused, decoded by OpenCV (on this thread); failed if it refuses too."""
-        data = item.encoded.numpy().tobytes()
-        try:
-            return prepared(item.source, item.sha256, decode_rgb(data, "JPEG"), self.preps)
-        except ImageError as err:
-            return self._failed(item.source, ImageError(str(err), sha256=item.sha256))
-        except cv2.error as err:
-            message = str(err).strip().splitlines()[-1]
-            return self._failed(item.source, ImageError(f"OpenCV could not decode it: {message}", sha256=item.sha256))
 
     # -- stage 2: forward ----------------------------------------------------------------
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
         """Logits per item (on the device). Same-shape inputs share a batch.
 
-        A batch that runs out of memory is dropped entirely (no reference to it survives
-        the retry), then retried in halves; the size that fits is kept for the rest of
-        the run. Only an image that does not fit alone fails.
+        A batch that runs out of memory (`device_decode.out_of_memory`: torch's error, cuBLAS or
+        cuDNN failing to allocate) is dropped entirely (no reference to it survives the
+        retry) and the cache emptied; it is tried once more, then in halves; the size that
+        fits is kept for the rest of the run. Only an image that does not fit alone fails.
         """
         groups: dict[tuple, list[int]] = {}
         # A runner that puts inputs on a canvas of its own (letterbox, tiles) batches any shapes.
@@ -193,52 +145,62 @@ class Engine:
             groups.setdefault(key(it.inputs[runner.prep]), []).append(i)
         out: list[ModelOutput] = [ModelOutput()] * len(items)
         for idx in groups.values():
-            pending = list(idx)
+            pending, retried = list(idx), False
             while pending:
                 size = min(len(pending), self.batch_limit.get(runner.name, len(pending)))
                 chunk, oom = pending[:size], False
                 try:
                     logits = runner.logits([items[i].inputs[runner.prep] for i in chunk])
-                except torch.OutOfMemoryError:
-                    oom = True  # handled outside the except block, once the traceback is released
-                except runner.image_errors as err:
-                    for i in chunk:
-                        out[i] = ModelOutput.failed(f"forward pass failed: {err}", "forward")
-                    pending = pending[size:]
-                    continue
+                except Exception as err:
+                    if out_of_memory(err):
+                        oom = True  # handled outside the except block, once the traceback is released
+                    elif isinstance(err, runner.image_errors):
+                        for i in chunk:
+                            out[i] = ModelOutput.failed(f"forward pass failed: {err}", "forward")
+                        pending = pending[size:]
+                        continue
+                    else:
+                        raise
                 if not oom:
                     for j, i in enumerate(chunk):
                         out[i] = ModelOutput(logits=logits[j])
-                    pending = pending[size:]
+                    pending, retried = pending[size:], False
                     continue
-                _free(runner.device)
-                if size == 1:
+                free_memory(runner.device)
+                if not retried:
+                    retried = True
+                elif size == 1:
                     out[chunk[0]] = ModelOutput.failed(
                         f"out of memory on {runner.device} even as a batch of one", "oom")
-                    pending = pending[1:]
-                    continue
-                self.batch_limit[runner.name] = size // 2
-                log.warning("%s: out of memory on a batch of %d; retrying with batches of %d",
-                            runner.name, size, size // 2)
+                    pending, retried = pending[1:], False
+                else:
+                    self.batch_limit[runner.name], retried = size // 2, False
+                    log.warning("%s: out of memory on a batch of %d; retrying with batches of %d",
+                                runner.name, size, size // 2)
         return out
 
     def _on_device(self, runner: Runner, output: ModelOutput, item: DecodedImage, transfer: Transfer) -> ModelOutput:
         """Start one result's device half (resize, threshold, activation); its arrays join the batch's copy.
 
-        Out of device memory here, the logits go to the host and are postprocessed there.
+        Out of device memory here (twice, the cache emptied between), the logits go to the
+        host and are postprocessed there.
         """
-        spec, logits, oom = runner.loaded.spec, output.logits, False
-        try:
-            if spec.task == "severity":
-                return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec))))
-            mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
-            return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs)))
-        except torch.OutOfMemoryError:
-            oom = True  # handled once the traceback (and what it holds) is released
-        except ValueError as err:
-            return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
-        assert oom
-        _free(runner.device)
+        spec, logits = runner.loaded.spec, output.logits
+        for _ in (1, 2):
+            oom = False
+            try:
+                if spec.task == "severity":
+                    return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec))))
+                mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
+                return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs)))
+            except ValueError as err:
+                return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
+            except RuntimeError as err:
+                if not out_of_memory(err):
+                    raise
+                oom = True  # handled once the traceback (and what it holds) is released
+            assert oom
+            free_memory(runner.device)
         log.warning("%s: out of memory postprocessing %s on %s; finishing it on the CPU",
                     runner.name, item.source.display, runner.device)
         return ModelOutput(logits=logits.cpu())
@@ -331,10 +293,8 @@ class Engine:
         def flush() -> Iterator[ImageResult]:
             nonlocal waiting
             with profile.batch(waiting) if profile else contextlib.nullcontext():
-                if self.device_inputs:
-                    self._to_device(batch)
+                outputs = iter(self._compute(batch))
                 decoded = [b for b in batch if isinstance(b, DecodedImage)]
-                outputs = iter(self._run_batch(decoded) if decoded else [])
             if not self.keep_rgb:  # the inputs are done with (on the GPU they hold device memory)
                 for item in decoded:
                     item.inputs = {}

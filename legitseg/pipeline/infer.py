@@ -61,40 +61,76 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 or bf16")
 
 
+# Where TensorFloat-32 is switched: (torch.backends path, legacy flag object). torch >= 2.9 spells it
+# `fp32_precision` ("ieee" | "tf32") on cuda.matmul and cudnn.conv; older torch only has `allow_tf32`.
+_TF32 = ((("cuda", "matmul"), ("cuda", "matmul")), (("cudnn", "conv"), ("cudnn",)))
+
+
+def _backend(path: tuple[str, ...]):
+    obj = torch.backends
+    for part in path:
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _new_api() -> bool:
+    return all(hasattr(_backend(new), "fp32_precision") for new, _ in _TF32)
+
+
 @contextlib.contextmanager
-def math_mode(precision: str) -> Iterator[dict[str, object]]:
+def math_mode(precision: str) -> Iterator[None]:
     """TensorFloat-32 off for fp32 (IEEE fp32 math on every device), on for tf32; restored after.
 
     PyTorch lets cuDNN use TF32 for convolutions by default, so without this an
-    "fp32" run on an Ampere-or-newer GPU is not fp32. Yields what was in force, for run.json.
+    "fp32" run on an Ampere-or-newer GPU is not fp32. On torch >= 2.9 the switch goes
+    through `fp32_precision`: reading the legacy `allow_tf32` flags raises once a
+    caller has used that API ("mix of the legacy and new APIs"), so they are read only
+    where they answer (as provenance.math_mode does) and written back only where the
+    restore left them reading differently, which keeps a caller on either API readable.
+    Half precisions leave the flags as they are.
     """
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if precision in ("fp32", "tf32"):
-        allow = precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
+    from legitseg.provenance import _legacy
+
+    if precision not in ("fp32", "tf32"):
+        yield
+        return
+    new = _new_api()
+    legacy = [(_backend(old), _legacy(lambda o=_backend(old): o.allow_tf32)) for _, old in _TF32]
+    saved = [(_backend(path), _backend(path).fp32_precision) for path, _ in _TF32] if new else []
+    allow = precision == "tf32"
     try:
-        yield {"precision": precision,
-               "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-               "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-               "autocast": str(PRECISIONS.get(precision)).removeprefix("torch.") if PRECISIONS.get(precision) else None}
+        for obj, _ in saved:
+            obj.fp32_precision = "tf32" if allow else "ieee"
+        if not new:
+            for obj, _ in legacy:
+                obj.allow_tf32 = allow
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for obj, value in saved:
+            obj.fp32_precision = value
+        for obj, value in legacy:
+            if value is not None and _legacy(lambda o=obj: o.allow_tf32) != value:
+                obj.allow_tf32 = value
 
 
-# How a model runs on a GPU: memory layout, and (fp16/bf16) whether its weights are cast to the
-# half type instead of running under autocast. Chosen per model by `layout_tuning.tune`.
+# How a model runs on a GPU. Only the memory layout is chosen by timing (`layout_tuning.tune`):
+# both layouts compute the same function, so the choice cannot change what a user gets. Casting
+# the weights to the half type instead of autocast does change the arithmetic: a model asks for
+# it by name (manifest `half_weights: true`, part of its settings digest), never a stopwatch.
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-# Largest change in probabilities a variant may make against the default one (else it is not used).
+# Largest change in probabilities a layout may make against the default one (cuDNN picks other
+# kernels for each, whose sums round differently); a layout beyond it is not used.
 VARIANT_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
 
 
 def variants(precision: str) -> list[str]:
-    """The default (channels_last, autocast for fp16/bf16) first."""
-    names = list(LAYOUTS)
-    if PRECISIONS[precision] is not None:
-        names += [f"{layout}+half" for layout in LAYOUTS]
-    return names
+    """The layouts timing may choose between, the default (channels_last) first."""
+    return list(LAYOUTS)
+
+
+def half_weights(loaded: LoadedModel, precision: str) -> torch.dtype | None:
+    """The half type a model's weights are cast to: its manifest asks (`half_weights`) and the run is fp16/bf16."""
+    return PRECISIONS[precision] if getattr(loaded.spec, "half_weights", False) else None
 
 
 @dataclass
@@ -121,15 +157,16 @@ class TorchRunner:
         self.tuned = not (self.device.type == "cuda" if self.tune_layout is None else self.tune_layout)
 
     def _use(self, variant: str) -> None:
-        """Module copy, input layout and weight type for one variant (see `variants`)."""
-        layout = variant.removesuffix("+half")
-        fmt = LAYOUTS[layout]
+        """Module copy and input layout for one variant (a key of LAYOUTS); the weight type is the model's."""
+        fmt = LAYOUTS[variant]
         module = copy.deepcopy(self.loaded.module).to(self.device, memory_format=fmt)
-        self.half = PRECISIONS[self.precision] if variant.endswith("+half") else None
+        self.half = half_weights(self.loaded, self.precision)
         self.module = module.to(self.half) if self.half is not None else module
-        self.channels_last = layout == "channels_last"
+        self.channels_last = variant == "channels_last"
         self.pre = Preprocessor.for_model(self.loaded, self.device, self.channels_last)
-        self.variant = variant
+        # run.json's models.<name>.variant: the layout, "+half" where the weights are in the half type
+        self.variant = variant + ("+half" if self.half is not None else "")
+        self.layout = variant
 
     @property
     def name(self) -> str:
@@ -143,7 +180,9 @@ class TorchRunner:
         else:
             ctx = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                    else contextlib.nullcontext())
-        with torch.inference_mode(), ctx:
+        # The math mode is switched around each forward call, never held across a caller's yield:
+        # two generators of different precisions may interleave in one thread (api.Predictor.predict).
+        with math_mode(self.precision), torch.inference_mode(), ctx:
             y = self.module(x)
         return y.float()
 

@@ -1,15 +1,16 @@
-"""Which variant of a model runs fastest on this GPU: chosen on the first batch, then remembered.
+"""Which memory layout of a model runs fastest on this GPU: chosen on the first batch, then remembered.
 
-Variants (`infer.variants`): memory layout (channels_last or contiguous) and, for
-fp16/bf16, weights cast to the half type instead of autocast. Which wins depends on
-the architecture, the batch and the card (on an H200 at batch 32, DeepLabV3Plus +
-efficientnet-b2 ran fastest contiguous with half weights, the efficientnet-b2
-classifier channels_last with half weights; docs/benchmarks.md). On the run's first
-batch each variant runs twice to warm up and three times timed; its probabilities
-are compared with the default variant's, and one that moves them by more than
-`VARIANT_TOLERANCE` (or gives NaN/Inf) is not used. The choice is cached per GPU,
-torch version, weights, precision and input shape (`layouts.json` in the cache
-folder), so every later run on the machine uses the same variant; run.json names it.
+Only layouts are chosen by timing (`infer.variants`: channels_last or contiguous). Both
+compute the same function, so which one wins (it depends on the architecture, the batch
+and the card: docs/benchmarks.md) changes the speed, not the answer. Half weights
+instead of autocast change the arithmetic, so they are never chosen here: a model asks
+for them in its manifest (`half_weights`). On the run's first batch each layout runs
+twice to warm up and three times timed; its probabilities are compared with the default
+layout's, and one that moves them by more than `VARIANT_TOLERANCE` (cuDNN kernels of
+another layout sum in another order) or gives NaN/Inf is not used. The choice is cached
+per GPU, torch version, weights, precision, weight type and input shape (`layouts.json`
+in the cache folder), so every later run on the machine uses the same layout; run.json
+names it (`models.<name>.variant`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from legitseg.fsio import atomic_write, cache_root
+from legitseg.pipeline.device_decode import out_of_memory
 from legitseg.pipeline.infer import LAYOUTS, VARIANT_TOLERANCE, variants
 from legitseg.pipeline.postprocess import activation
 
@@ -43,7 +45,7 @@ def cache_key(runner: TorchRunner, shape: tuple[int, ...]) -> str:
     device = runner.device
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fields = [card, torch.__version__, runner.loaded.spec.sha256, runner.precision, list(shape),
-              variants(runner.precision)]
+              variants(runner.precision), str(runner.half)]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -87,7 +89,7 @@ def tune(runner: TorchRunner, arrays: list) -> None:
     Raises torch.OutOfMemoryError when even the default variant does not fit this batch
     (the engine then retries with smaller batches, and this is measured again).
     """
-    spec, default = runner.loaded.spec, runner.variant
+    spec, default = runner.loaded.spec, runner.layout
     with torch.inference_mode():
         x0 = runner.pre.pad(runner.pre.tensor(arrays))[0].contiguous()
     key = cache_key(runner, tuple(x0.shape))
@@ -103,8 +105,10 @@ def tune(runner: TorchRunner, arrays: list) -> None:
         runner._use(variant)
         oom = False
         try:
-            seconds, y = _time(runner, x0.contiguous(memory_format=LAYOUTS[variant.removesuffix("+half")]))
-        except torch.OutOfMemoryError:
+            seconds, y = _time(runner, x0.contiguous(memory_format=LAYOUTS[variant]))
+        except RuntimeError as err:  # cuDNN/cuBLAS workspaces fail as plain RuntimeErrors
+            if not out_of_memory(err):
+                raise
             oom = True  # handled below, once the traceback is released
         if oom:
             runner._use(default)
@@ -127,7 +131,7 @@ def tune(runner: TorchRunner, arrays: list) -> None:
                 continue
         timings[variant] = seconds
     best = min(timings, key=timings.__getitem__) if timings else default
-    if best != runner.variant:
+    if best != runner.layout:
         runner._use(best)
     log.info("%s: %s, the fastest of %s", runner.name, best,
              ", ".join(f"{v} {1000 * t:.1f} ms" for v, t in timings.items()))

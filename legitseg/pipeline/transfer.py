@@ -83,7 +83,8 @@ class Transfer:
                 if stream is not None:
                     t.record_stream(stream)  # not reused by the allocator before the copy is done
             if stream is not None:
-                event = torch.cuda.Event()
+                # blocking: the postprocessing thread that waits sleeps in the driver instead of spinning a core
+                event = torch.cuda.Event(blocking=True)
                 event.record(stream)
         self.tensors.clear()
         return Pending(buffers, slots, event)
