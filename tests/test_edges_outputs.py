@@ -314,16 +314,17 @@ class _Isolation(HTMLParser):
     """Every piece of text holding a bidi control sits inside <bdi> (or <title>, isolated by
     characters); every attribute holding one is wrapped in U+2068 ... U+2069."""
 
-    BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
-
     def __init__(self):
         super().__init__()
         self.stack: list[str] = []
         self.bad: list[str] = []
         self.seen = 0
 
+    VOID = {"meta", "img", "br", "hr", "input", "link"}
+
     def handle_starttag(self, tag, attrs):
-        self.stack.append(tag)
+        if tag not in self.VOID:
+            self.stack.append(tag)
         for key, value in attrs:
             if key != "data-name" and value and "\u202e" in value:  # data-* is never displayed
                 self.seen += 1
