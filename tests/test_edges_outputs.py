@@ -355,3 +355,13 @@ def test_low_bidi_every_name_in_the_report_is_isolated(kit, tmp_path):
     check = _Isolation()
     check.feed(html)
     assert check.bad == [] and check.seen >= 6  # names, label, error, OUT, title, alt
+
+
+def test_item8_a_card_with_only_the_photograph_names_no_colour_set(kit, tmp_path):
+    """A severity-only OUT: each card shows the bare photograph, which has no colours."""
+    kit.add("sev", task="severity", arch=None, classes=3, seed=1)
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    save(photos / "a.png", picture(40, 56, seed=3))
+    run(photos, "-m", kit.write(), "-o", out)
+    html = report(out, tmp_path / "r.html")
+    assert len(re.findall(r'<img class="thumb"', html)) == 1 and 'class="set"' not in html
