@@ -25,8 +25,8 @@ from pydantic import (
 
 from legitseg._smp_names import ARCHITECTURES, ENCODERS
 from legitseg.errors import ManifestError, UsageError
-from legitseg.manifest_colors import check_colors, parse_colors
-from legitseg.manifest_modes import check_ensemble, check_modes, expand_tta
+from legitseg.manifest_colors import check_colors, check_labels, parse_colors
+from legitseg.manifest_modes import check_ensemble, check_modes, check_tile_size, expand_tta
 from legitseg.manifest_yaml import load_yaml, non_finite, short
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
@@ -141,7 +141,7 @@ class ModelSpec(BaseModel):
     @field_validator("tile_size", mode="before")
     @classmethod
     def _tile_size(cls, v: Any) -> Any:
-        return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+        return check_tile_size(v)
 
     @field_validator("arch")
     @classmethod
@@ -215,6 +215,7 @@ class ModelSpec(BaseModel):
             want = self.classes
         if self.labels is not None and len(self.labels) != want:
             raise ValueError(f"labels has {len(self.labels)} names but this model has {want} (class 0 is background)")
+        check_labels(self.label_names, given=self.labels is not None)
         check_colors(self)
         if self.resize in ("stretch", "letterbox") and self.input_size is None:
             raise ValueError(f"'input_size' [height, width] is required when resize is '{self.resize}'")

@@ -1,8 +1,15 @@
-"""The manifest's `colors:` per label (how `run --overlay` and the report draw each label)."""
+"""Label names and the manifest's `colors:` per label (how `run --overlay` and the report draw
+each label).
+
+Areas, components, colours and evaluation scores are all keyed by label name, so two
+classes with one name would silently merge into one key: names must be unique.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from legitseg.manifest_yaml import short
@@ -30,6 +37,28 @@ def parse_colors(v: Any) -> Any:
             raise ValueError(f"colour of label {short(label)} is {short(value)}; "
                              "write \"#rrggbb\" or [r, g, b] with whole numbers 0..255")
     return out
+
+
+def label_key(name: str) -> str:
+    """What makes two label names the same to a reader: case, Unicode compatibility forms and
+    surrounding blanks aside (`Lesion`, `lesion ` and `lesion` would read as one column in a
+    spreadsheet or a case-insensitive database)."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+def check_labels(names: Sequence[str], given: bool) -> None:
+    """Every class has its own name. Raises ValueError naming the repeated label and its classes."""
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        first = seen.setdefault(label_key(name), index)
+        if first == index:
+            continue
+        if not given:  # only a binary model named "background" gets a repeated default
+            raise ValueError(f"labels: the default name of class 1 is the model name {short(name)}, which is "
+                             "also the name of class 0 (background); write labels: [background, <lesion name>]")
+        same = "" if names[first] == name else f" (as {short(names[first])}: names that differ only in case count as one)"
+        raise ValueError(f"labels: {short(name)} names both class {first} and class {index}{same}; "
+                         "every class needs its own name")
 
 
 def check_colors(spec: ModelSpec) -> None:

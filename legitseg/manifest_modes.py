@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from legitseg.manifest import ModelSpec
 
 TILE_ONLY = ("tile_size", "overlap", "blend")
+TILE_RANGE = (8, 16384)  # as input_size's
 # Test-time augmentation views. Each is exact on pixels (no interpolation) and is undone
 # on the logits; `flips` is nnU-Net's mirroring of a 2D image (both flips and their product).
 TTA_VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270")
@@ -38,12 +39,34 @@ def expand_tta(v: Any) -> Any:
     return views
 
 
+def check_tile_size(v: Any) -> Any:
+    """One number or [height, width], each within TILE_RANGE; one number n means [n, n].
+
+    Checked here rather than by the field's type so the message names `tile_size` and the
+    value as written, not pydantic's `tile_size.1` of the list a single number became.
+    """
+    if isinstance(v, bool):
+        return v
+    pair = [v, v] if isinstance(v, int) else v
+    if isinstance(pair, list | tuple) and len(pair) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in pair):
+        lo, hi = TILE_RANGE
+        if not all(lo <= n <= hi for n in pair):
+            raise ValueError(f"tile_size {short(v)} is out of range: one number or [height, width], "
+                             f"each {lo}..{hi}")
+    return pair
+
+
 def check_modes(spec: ModelSpec, given: set[str]) -> None:
     if spec.resize == "tile":
         if spec.task != "segmentation":
             raise ValueError("resize 'tile' applies to segmentation models only")
         if spec.tile_size is None:
             raise ValueError("'tile_size' [height, width] (or one number) is required when resize is 'tile'")
+        if "input_size" in given:
+            # Tiles are cut at tile_size; an input_size would be silently unused.
+            raise ValueError("field 'input_size' does not apply to resize 'tile' (the model sees "
+                             "'tile_size' tiles); remove it")
     else:
         wrong = [f for f in TILE_ONLY if f in given]
         if wrong:

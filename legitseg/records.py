@@ -98,6 +98,9 @@ class ModelEntry:
     weights_sha256: str
     status: str  # ok | failed
     settings: str | None = None  # settings_digest; None in format-1 records
+    # The run that computed this entry; None in records written before entries named it
+    # (the record's own run_id, its last writer, then stands in: `producer`).
+    run_id: str | None = None
     error: str | None = None
     error_kind: str | None = None
     backend: str | None = None
@@ -110,6 +113,9 @@ class ModelEntry:
     grade: int | None = None
     probabilities: list[float] | None = None
     overlay: str | None = None  # OUT-relative JPEG, written with `run --overlay`
+    # Label -> "#rrggbb" the overlay was drawn with: a later `colors:` change must not
+    # relabel an overlay drawn before it. None without an overlay, and in older records.
+    overlay_colors: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields of newer versions, kept as read
 
     @property
@@ -120,6 +126,8 @@ class ModelEntry:
         out: dict[str, Any] = {"task": self.task, "weights_sha256": self.weights_sha256}
         if self.settings is not None:
             out["settings"] = self.settings
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
         out["status"] = self.status
         if not self.ok:
             out["error"] = self.error
@@ -129,7 +137,7 @@ class ModelEntry:
             out["backend"] = self.backend
             out["parity"] = self.parity
         for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities",
-                    "overlay"):
+                    "overlay", "overlay_colors"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -208,11 +216,17 @@ class ImageRecord:
         extra = {k: v for k, v in data.items() if k not in known and k != "models"}
         return cls(**values, models=models, extra=extra)
 
+    def producer(self, model: str) -> str | None:
+        """The run that computed `model`'s entry: the entry's own run_id, else (records written
+        before entries carried one) the run that last wrote the record."""
+        entry = self.models.get(model)
+        return entry.run_id if entry is not None and entry.run_id is not None else self.run_id
+
     def rows(self, selected: set[str] | None = None, current_run: str | None = None) -> list[dict[str, Any]]:
         """One row per (image, model), in the record's model order; `selected` filters models.
 
-        `run_id` is the run that wrote the record; `computed` says whether that is `current_run`
-        (false: the row was carried over, skipped as already done).
+        `run_id` is the run that computed the entry (`producer`); `computed` says whether that is
+        `current_run` (false: the row was carried over, skipped as already done).
         """
         rows = []
         for model, entry in self.models.items():
@@ -223,9 +237,10 @@ class ImageRecord:
             for key in _ENTRY_ROW_FIELDS:
                 if data.get(key) is not None:
                     row[key] = data[key]
-            if self.run_id is not None:
-                row["run_id"] = self.run_id
-            row["computed"] = current_run is not None and self.run_id == current_run
+            run_id = self.producer(model)
+            if run_id is not None:
+                row["run_id"] = run_id
+            row["computed"] = current_run is not None and run_id == current_run
             rows.append(row)
         return rows
 

@@ -31,8 +31,10 @@ from legitseg import __version__
 from legitseg.errors import ImageError, UsageError
 from legitseg.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.pipeline.decode import check_header, decode_rgb, read_bytes, sha256_bytes
+from legitseg.pipeline.sources import OUT_MARKER
 from legitseg.records import ImageRecord, ModelEntry
-from legitseg.writers import atomic_write, scan_records
+from legitseg.run import RUNS
+from legitseg.writers import RECORDS, atomic_write, scan_records
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +92,47 @@ def _drawable(record: ImageRecord, model: str) -> ModelEntry | None:
     return entry
 
 
+def _parse_hex(value: Any) -> tuple[int, int, int] | None:
+    if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
+        try:
+            return tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            return None
+    return None
+
+
+def style_from_hex(model: str, colors: dict[str, Any]) -> Style:
+    """A Style from label -> "#rrggbb" in class order (as run.json and records keep them)."""
+    parsed = {k: c for k, v in colors.items() if (c := _parse_hex(v)) is not None}
+    return Style.from_labels(model, "segmentation", ["background", *colors], parsed)
+
+
+def overlay_style(record: ImageRecord, model: str, entry: ModelEntry, latest: Style,
+                  latest_run: str | None) -> Style | None:
+    """The colours `entry`'s overlay was drawn with, or None when they are unknown.
+
+    Records keep them beside the overlay. Older records do not: their overlay was drawn by the
+    run that computed the entry, so `latest` (run.json's colours) applies only when that run is
+    the latest (or either is unknown, as before records named their runs).
+    """
+    if entry.overlay_colors:
+        return style_from_hex(model, entry.overlay_colors)
+    producer = record.producer(model)
+    if producer is None or latest_run is None or producer == latest_run:
+        return latest
+    return None
+
+
 def thumbnails(record: ImageRecord, out: Path, styles: dict[str, Style], size: int,
-               bases: list[Path]) -> dict[str, Any]:
+               bases: list[Path], latest_run: str | None = None) -> dict[str, Any]:
     """One thumbnail (data URI) per segmentation model of the record: its overlay file when
-    `run --overlay` wrote one, else the mask tinted over the photograph (or over grey)."""
+    `run --overlay` wrote one with known colours, else the mask tinted over the photograph (or
+    over grey) in `styles`' colours. Each image names the colours it shows (`colors`)."""
     entries = {m: e for m in styles if (e := _drawable(record, m)) is not None}
-    shrunk = {m: _overlay_thumbnail(out, e, size) for m, e in entries.items()}
+    drawn_with = {m: overlay_style(record, m, e, styles[m], latest_run) if e.overlay else None
+                  for m, e in entries.items()}
+    shrunk = {m: _overlay_thumbnail(out, e, size) if drawn_with[m] is not None else None
+              for m, e in entries.items()}
     rgb, why = (None, None)
     if not entries or any(t is None for t in shrunk.values()):
         rgb, why = find_photograph(record, bases)
@@ -109,7 +146,8 @@ def thumbnails(record: ImageRecord, out: Path, styles: dict[str, Style], size: i
     drawn = False
     for model, entry in entries.items():
         if shrunk[model] is not None:
-            result["images"].append({"model": model, "uri": _jpeg_uri(shrunk[model]), "note": None})
+            result["images"].append({"model": model, "uri": _jpeg_uri(shrunk[model]), "note": None,
+                                     "colors": drawn_with[model].hex_colours()})
             drawn = True
             continue
         mask = cv2.imread(str(out / entry.mask), cv2.IMREAD_UNCHANGED)
@@ -118,11 +156,42 @@ def thumbnails(record: ImageRecord, out: Path, styles: dict[str, Style], size: i
             continue
         small = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
         result["images"].append({"model": model, "uri": _jpeg_uri(tint(base, small, colours=styles[model].colours)),
-                                 "note": None})
+                                 "note": None, "colors": styles[model].hex_colours()})
         drawn = True
     if not drawn and rgb is not None:
         result["images"].append({"model": None, "uri": _jpeg_uri(base), "note": None})
     return result
+
+
+def legend(cards: list[dict[str, Any]], styles: dict[str, Style]) -> list[dict[str, Any]]:
+    """Per segmentation model, each set of colours its thumbnails show, with how many.
+
+    One set (the usual case) reads as before. Overlays drawn before a `colors:` change keep
+    their colours, so a model can show several sets: each gets a letter, and every thumbnail
+    in such a model names its letter, so a swatch never describes a thumbnail it does not match.
+    """
+    out = []
+    for model, style in styles.items():
+        sets: dict[tuple, dict[str, Any]] = {}
+        for card in cards:
+            for t in card["thumbs"]["images"]:
+                if t.get("model") == model and t.get("colors") is not None:
+                    key = tuple(t["colors"].items())
+                    entry = sets.setdefault(key, {"colors": t["colors"], "images": 0, "thumbs": []})
+                    entry["images"] += 1
+                    entry["thumbs"].append(t)
+        if not sets:
+            sets[()] = {"colors": style.hex_colours(), "images": 0, "thumbs": []}
+        many = len(sets) > 1
+        listed = []
+        for i, entry in enumerate(sets.values()):
+            tag = chr(ord("A") + i) if many and i < 26 else (str(i + 1) if many else None)
+            for t in entry.pop("thumbs"):
+                t["set"] = tag
+            listed.append({"set": tag, "images": entry["images"],
+                           "labels": [{"name": k, "colour": v} for k, v in entry["colors"].items()]})
+        out.append({"model": model, "sets": listed})
+    return out
 
 
 def _link(target: Path, report_dir: Path) -> str:
@@ -194,11 +263,77 @@ def _styles(run: dict[str, Any], records: list[ImageRecord], models: list[str]) 
     return styles
 
 
+def read_run_files(out: Path, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run_id -> provenance of every run file under OUT/runs/, and run.json's (the latest run)."""
+    runs: dict[str, dict[str, Any]] = {}
+    folder = out / RUNS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("skipping run file %s: %s", path, err)
+            continue
+        if isinstance(data, dict):
+            runs[str(data.get("run_id") or path.stem)] = data
+    if run.get("run_id") and str(run["run_id"]) not in runs:
+        runs[str(run["run_id"])] = run
+    return runs
+
+
+def _sha_text(value: Any) -> str:
+    """A weights sha256 as shown: an ensemble's list joined, an unknown one said so."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value) if value else "unknown"
+
+
+def provenance(records: list[ImageRecord], run_files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every run that computed a result in `records`, and every model file behind them.
+
+    Results are credited to the run that computed each model entry (`ImageRecord.producer`), not
+    to the record's last writer, so results of several runs into one OUT each keep their run and
+    their weights. A weights path comes from the run file of a run that used that sha256.
+    """
+    credited: Counter[str] = Counter()
+    files: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        for model, e in r.models.items():
+            run_id = r.producer(model) or "unknown"
+            credited[run_id] += 1
+            sha = _sha_text(e.weights_sha256)
+            info = files.setdefault((model, sha), {"model": model, "sha256": sha, "results": 0, "runs": []})
+            info["results"] += 1
+            if run_id not in info["runs"]:
+                info["runs"].append(run_id)
+    runs = []
+    for run_id, n in credited.items():
+        data = run_files.get(run_id)
+        runs.append({"run_id": run_id, "results": n, "found": data is not None, **{
+            k: (data or {}).get(k) for k in ("status", "started", "ended", "device")},
+            "legitseg": ((data or {}).get("versions") or {}).get("legitseg"),
+            "manifest_sha256": ((data or {}).get("manifest") or {}).get("sha256")})
+    runs.sort(key=lambda r: (str(r["started"] or ""), r["run_id"]))
+    for info in files.values():
+        paths: list[str] = []
+        for run_id in info["runs"]:
+            m = ((run_files.get(run_id) or {}).get("models") or {}).get(info["model"]) or {}
+            w = m.get("weights")
+            for path in (w if isinstance(w, list) else [w] if w else []):
+                if _sha_text(m.get("weights_sha256")) == info["sha256"] and str(path) not in paths:
+                    paths.append(str(path))
+        info["weights"] = paths
+    return {"runs": runs, "weights": sorted(files.values(), key=lambda f: (f["model"], f["sha256"]))}
+
+
 def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: int) -> dict[str, Any]:
-    if not out.is_dir() or not (out / "records").is_dir():
-        raise UsageError(f"{out} is not a legitseg output folder (no records/ folder in it)")
+    # An OUT is what any run leaves, images or not (a run over an empty folder makes one
+    # with its marker and no record): a report of zero images is a valid report.
+    if not out.is_dir() or not ((out / OUT_MARKER).exists() or (out / RECORDS).is_dir()):
+        raise UsageError(f"{out} is not a legitseg output folder (no {RECORDS}/ and no {OUT_MARKER} in it)")
     try:
         run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         log.warning("%s: no readable run.json (%s); provenance comes from the records only", out, err)
         run = {}
@@ -211,27 +346,29 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     manifest = run.get("manifest") or {}
     bases = [out.resolve().parent, Path(manifest["path"]).parent] if manifest.get("path") else [out.resolve().parent]
     report_dir = dest.resolve().parent
+    latest_run = str(run["run_id"]) if run.get("run_id") else None
     cards, rows = [], []
     for i, r in enumerate(records):
         item = {
             "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error,
-            "results": [{"model": m, "text": _result_text(e),
+            "results": [{"model": m, "text": _result_text(e), "run_id": r.producer(m),
                          "mask": _link(out.resolve() / e.mask, report_dir) if e.mask else None}
                         for m, e in r.models.items()],
         }
         if i < max_thumbnails:
-            item["thumbs"] = thumbnails(r, out, {m: styles[m] for m in seg_models}, thumbnail_size, bases)
+            item["thumbs"] = thumbnails(r, out, {m: styles[m] for m in seg_models}, thumbnail_size, bases,
+                                        latest_run)
             cards.append(item)
         else:
             rows.append(item)
-    legend = [{"model": s["name"], "labels": s["labels"]} for s in model_summaries(records, seg_models, styles)]
     return {
-        "title": f"legitseg report: {out.resolve().name}",
+        "out_name": out.resolve().name,
         "out": str(out.resolve()), "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "legitseg": __version__, "run": run, "manifest": manifest,
         "arguments": json.dumps(run.get("arguments") or {}),
-        "run_ids": Counter(str(r.run_id or "unknown") for r in records).most_common(),
-        "summaries": model_summaries(records, models, styles), "legend": legend,
+        "provenance": provenance(records, read_run_files(out, run)),
+        "summaries": model_summaries(records, models, styles),
+        "legend": legend(cards, {m: styles[m] for m in seg_models}),
         "cards": cards, "rows": rows, "images": len(records),
         "failed": [item for item in cards + rows if item["status"] != "ok"],
         "max_thumbnails": max_thumbnails,
@@ -244,6 +381,10 @@ def render(context: dict[str, Any]) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("legitseg", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
+    # Names come from users' file names and manifests: a right-to-left override in one
+    # (`rtl\u202egpj.exe.jpg`) must not reorder what follows it. Text is wrapped in <bdi>
+    # in the template; attributes, which cannot hold markup, in the same isolate characters.
+    env.filters["isolate"] = lambda value: f"\u2068{value}\u2069"
     return env.get_template(TEMPLATE).render(**context)
 
 

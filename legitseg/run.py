@@ -38,7 +38,7 @@ from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_al
 from legitseg.records import ImageRecord
 from legitseg.shard import check_layout, claim_layout
 from legitseg.weights import verify_sha256
-from legitseg.writers import ImageOutcome, read_record, rebuild_summaries
+from legitseg.writers import RECORDS, ImageOutcome, read_record, rebuild_summaries
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,9 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     if cfg.shard is not None:
         claim_layout(cfg.out, cfg.shard)  # the first shard records N; another N is refused (exit 2)
     (cfg.out / OUT_MARKER).touch()
+    # Every OUT has records/, even with no image in it: a run over an empty folder leaves a
+    # folder that every command reads as an OUT of zero images.
+    (cfg.out / RECORDS).mkdir(exist_ok=True)
     # Temporary files of a killed run; shards leave them (another shard may be writing its own).
     removed = remove_stale_tmp(cfg.out) if lock.exclusive else 0
     if removed:

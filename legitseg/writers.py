@@ -215,6 +215,7 @@ class Sink:
                 drawn = severity_overlay(rgb, style, value.grade, value.score)
             else:
                 drawn = segmentation_overlay(rgb, value.mask, style)
+                entry.overlay_colors = style.hex_colours()
             data = encode_jpeg(drawn)
         except (ValueError, cv2.error) as err:
             raise RuntimeFailure(f"{model}: cannot draw the overlay of {name}: {err}") from err
@@ -222,7 +223,7 @@ class Sink:
         entry.overlay = path
 
     def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb=None) -> ModelEntry:
-        base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings)
+        base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings, run_id=self.run_id)
         if output.error is not None or output.result is None:
             self._drop_overlay(info.name, name)
             return ModelEntry(**base, status="failed", error=output.error or "no result",
@@ -250,8 +251,13 @@ class Sink:
         models: dict[str, ModelEntry] = {}
         previous = read_record(self.out, result.name)
         if previous and previous.sha256 == result.sha256:
-            # Results of models not selected in this run stay valid for the same image bytes.
-            models.update({k: v for k, v in previous.models.items() if k not in entries})
+            # Results of models not selected in this run stay valid for the same image bytes,
+            # and stay credited to their run: an entry of an older record, which names none,
+            # gets the run that had last written the record, before this run replaces that.
+            for k, v in previous.models.items():
+                if k not in entries:
+                    v.run_id = previous.producer(k)
+                    models[k] = v
         models.update(entries)
         failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok]
         record = ImageRecord(
