@@ -186,6 +186,8 @@ class RayEngine:
             # Workers' stdout would reach ours (and --jsonl readers) with log_to_driver.
             # Workers get ONNX Runtime's telemetry switch too (legitseg/ort.py): a worker
             # that imports it by any other road still imports it with telemetry off.
+            # A local cluster started here reports no usage statistics (legitseg never touches the network).
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, runtime_env={"env_vars": telemetry_env()})
         except (ConnectionError, RuntimeError, ValueError) as err:

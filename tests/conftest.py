@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tests that import ONNX Runtime directly must not write its telemetry files into $HOME.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 # pytest-xdist (`make test`) runs one worker per core. Left alone, each worker's PyTorch, and
 # each CLI process a test starts, would run one OpenMP thread per core as well: cores x cores
 # threads spinning for cores, which made the suite take 9.4 CPU-minutes instead of 6.8 on the
