@@ -371,7 +371,8 @@ def test_signal_stops_cleanly(manifest, tmp_path, sig, code):
     proc = subprocess.Popen([sys.executable, "-m", "legitseg", "run", str(d), "-m", str(manifest), "-o", str(out),
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "records").is_dir():
+    # records/ exists from the start; the first record says images are flowing.
+    while time.time() < deadline and not any((out / "records").rglob("*.json")):
         time.sleep(0.05)
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(sig)

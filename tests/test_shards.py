@@ -52,7 +52,8 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def _comparable(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("run_id", "written_at")}
+    models = {m: {k: v for k, v in e.items() if k != "run_id"} for m, e in record.get("models", {}).items()}
+    return {**{k: v for k, v in record.items() if k not in ("run_id", "written_at")}, "models": models}
 
 
 def _masks(out: Path) -> dict[str, bytes]:
