@@ -95,7 +95,7 @@ t0 = time.perf_counter()
 versions = {}
 for name in ("numpy", "torch", "torchvision", "cv2", "PIL", "pillow_heif", "segmentation_models_pytorch", "timm",
              "safetensors", "pydantic", "yaml", "typer", "click", "rich", "psutil", "onnxruntime", "pytest",
-             "legitseg", "legitseg.cli", "legitseg.pipeline.engine"):
+             "legitseg", "legitseg.cli", "legitseg.engines.local"):
     try:
         module = importlib.import_module(name)
     except Exception as err:  # noqa: BLE001 - any import failure stops the check with its name

@@ -339,19 +339,20 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     this says what each one costs. CPU ms is the process's CPU time (every thread) during
     the step: what the step takes from the cores the other stages share.
     """
-    from legitseg.factory import load_model
     from legitseg.fsio import atomic_write, sha256_bytes
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline import device_decode, postprocess
-    from legitseg.pipeline.decode import (
+    from legitseg.images import device_decode
+    from legitseg.images.decode import (
         DEFAULT_MAX_PIXELS,
         check_header,
         decode_rgb,
         prepare,
         read_bytes,
     )
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.writers import encode_png, record_path
+    from legitseg.inference import postprocess
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
+    from legitseg.output.writers import encode_png, record_path
 
     spec = load_manifest(manifest).select([name])[0]
     runner = TorchRunner(load_model(spec), device, precision)
@@ -462,7 +463,7 @@ def gpu_decode_ceiling(files: list[Path], device: torch.device, batch: int, min_
 
 def encode_ceiling(masks: list[np.ndarray], threads: int, min_time: float) -> float:
     """PNG encoding of the masks as legitseg writes them, in `threads` threads: img/s."""
-    from legitseg.writers import encode_png
+    from legitseg.output.writers import encode_png
 
     def work(i: int) -> None:
         encode_png(masks[i % len(masks)])

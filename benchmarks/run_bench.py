@@ -112,7 +112,7 @@ class Bench:
         self.ceilings: list[dict] = []
         self.failures = 0
         self.manifest: Path | None = None
-        self.onnx = (not args.no_onnx) and importlib.util.find_spec("legitseg.onnx_backend") is not None
+        self.onnx = (not args.no_onnx) and importlib.util.find_spec("legitseg.models.onnx_export") is not None
         # One ONNX graph cache for this process (the onnxruntime bound exports into it) and the
         # legitseg subprocesses, so that their start-up does not include a cold export.
         os.environ["LEGITSEG_CACHE_DIR"] = str(work / "cache")
@@ -137,8 +137,8 @@ class Bench:
     def model(self, name: str):
         """legitseg's LoadedModel (sha256 checked, strict load), built once."""
         if name not in self.loaded:
-            from legitseg.factory import load_model
-            from legitseg.manifest import load_manifest
+            from legitseg.manifest.spec import load_manifest
+            from legitseg.models.factory import load_model
 
             self.loaded[name] = load_model(load_manifest(self.manifest).select([name])[0])
         return self.loaded[name]
@@ -157,7 +157,7 @@ class Bench:
         loaded = self.model(name)
         self.say(f"(a) forward bound {name} {device.type} {precision} {backend}, batches {sizes}")
         if backend == "onnxruntime":
-            from legitseg.pipeline.ort_runner import ort_session, ort_threads
+            from legitseg.inference.ort_runner import ort_session, ort_threads
 
             t = time.perf_counter()
             session = ort_session(loaded, ort_threads())
@@ -367,7 +367,7 @@ class Bench:
                 self.row("large images onnxruntime", [mode.primary], mode.large, mode.n_large, cpu, "fp32",
                          backend="onnxruntime", targets=LARGE_TARGETS)
         else:
-            why = "--no-onnx" if self.args.no_onnx else "legitseg has no onnxruntime backend (legitseg/onnx_backend.py)"
+            why = "--no-onnx" if self.args.no_onnx else "legitseg has no onnxruntime backend (legitseg/models/onnx_export.py)"
             self.not_measured.append(f"ONNX Runtime rows (forward bound through onnxruntime, legitseg run "
                                      f"--backend onnxruntime): not measured, {why}")
         if mode.n_heavy:

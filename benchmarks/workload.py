@@ -73,7 +73,7 @@ TINY = {
 
 def spec_for(model: BenchModel, weights: Path, sha256: str = "0" * 64):
     """The legitseg ModelSpec of `model`; the sha256 is a placeholder until the weights exist."""
-    from legitseg.manifest import ModelSpec
+    from legitseg.manifest.spec import ModelSpec
 
     return ModelSpec(name=model.name, weights=weights, sha256=sha256, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in model.manifest_fields().items()})
@@ -88,8 +88,8 @@ def build_weights(model: BenchModel, folder: Path, seed: int = 0) -> tuple[Path,
     import torch
     from safetensors.torch import save_file
 
-    from legitseg.factory import build_module
-    from legitseg.weights import sha256_file
+    from legitseg.models.factory import build_module
+    from legitseg.models.weights import sha256_file
 
     path = folder / f"{model.name}.safetensors"
     if not path.is_file():

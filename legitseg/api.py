@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeAlias
 
-from legitseg import __version__
+from legitseg._version import __version__
 from legitseg.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_SIGINT, LegitsegError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from legitseg.manifest import Manifest
-    from legitseg.records import ImageResult, ModelOutput
+    from legitseg.manifest.spec import Manifest
+    from legitseg.output.records import ImageResult, ModelOutput
 
     ImageLike: TypeAlias = str | bytes | os.PathLike[str] | np.ndarray | Image.Image
     Inputs: TypeAlias = ImageLike | Iterable[ImageLike]
@@ -134,7 +134,7 @@ def _names(models: Sequence[str] | str | None) -> list[str] | None:
 
 
 def _manifest(manifest: PathLike | Manifest) -> Manifest:
-    from legitseg.manifest import Manifest, load_manifest
+    from legitseg.manifest.spec import Manifest, load_manifest
 
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
@@ -161,8 +161,8 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     ManifestError or WeightsError (exit 3, before anything is read or written),
     RuntimeFailure (4), OutputLocked (5), NoImages (6).
     """
+    from legitseg.output.shard import Shard
     from legitseg.run import Finished, RunConfig, execute
-    from legitseg.shard import Shard
 
     part = Shard.parse(shard) if shard is not None else None  # a usage error before the manifest's
     m = _manifest(manifest)
@@ -198,7 +198,8 @@ class Predictor:
                  device: str = "auto", precision: str = "fp32", backend: str | None = None,
                  batch_size: int | None = None, *, workers: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from legitseg.pipeline.infer import check_precision, choose_device
+        from legitseg.inference.torch_runner import check_precision, choose_device
+        from legitseg.models.weights import verify_sha256
         from legitseg.run import (
             build_runners,
             check_options,
@@ -206,7 +207,6 @@ class Predictor:
             default_workers,
             default_writers,
         )
-        from legitseg.weights import verify_sha256
 
         check_options(device, precision, backend, batch_size, workers, max_pixels)
         self.manifest = _manifest(manifest)
@@ -228,7 +228,7 @@ class Predictor:
 
     @staticmethod
     def _info(runner: Any) -> dict[str, Any]:
-        from legitseg.records import settings_digest
+        from legitseg.output.records import settings_digest
 
         spec = runner.loaded.spec
         return dict(task=spec.task, weights_sha256=spec.sha256, settings=settings_digest(spec),
@@ -256,9 +256,9 @@ class Predictor:
         ImageFailed instead. Raises UsageError for an item that is not an image or a
         path, RuntimeFailure when the device fails.
         """
-        from legitseg.inputs import iter_sources
-        from legitseg.pipeline.engine import Engine
-        from legitseg.pipeline.pixels import PixelSource
+        from legitseg.engines.local import Engine
+        from legitseg.images.inputs import iter_sources
+        from legitseg.images.pixels import PixelSource
 
         # The engine yields one result per source, in order: the kinds queue pairs them up.
         kinds: deque[str] = deque()
@@ -291,7 +291,7 @@ class Predictor:
         Raises UsageError for a folder or anything else that is not one image (a dict, a
         set, a list, a number...): those would otherwise be read as paths or dropped.
         """
-        from legitseg.inputs import is_single
+        from legitseg.images.inputs import is_single
 
         if not is_single(image):
             raise UsageError(f"predict_one: an image of type {type(image).__name__}: give one file path, "
@@ -323,7 +323,7 @@ class Predictor:
         return Prediction(result.image, result.name, kind, result.sha256, result.size, results, error, error_kind)
 
     def _model_result(self, name: str, output: ModelOutput) -> ModelResult:
-        from legitseg.records import SegmentationResult
+        from legitseg.output.records import SegmentationResult
 
         info = self._infos[name]
         if output.error is not None or output.result is None:

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from legitseg import __version__
+from legitseg._version import __version__
 from legitseg.errors import UsageError
 from legitseg.provenance import (
     LOCK_ENV,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from legitseg.errors import UsageError, WeightsError
-from legitseg.manifest import ModelSpec
+from legitseg.manifest.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 SIDECAR_FORMAT = "legitseg-onnx-sidecar"
@@ -54,11 +54,11 @@ def export_model(spec: ModelSpec, out: Path) -> ExportResult:
                          "export one graph per file (a manifest entry per member)")
     import torch
 
-    from legitseg.factory import load_model
     from legitseg.fsio import atomic_write, write_json
-    from legitseg.onnx_backend import OPSET, ExportFailed, dynamic_axes
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.pipeline.ort_runner import OrtRunner, gate
+    from legitseg.inference.ort_runner import OrtRunner, gate
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.models.factory import load_model
+    from legitseg.models.onnx_export import OPSET, ExportFailed, dynamic_axes
 
     loaded = load_model(spec)  # the sha256 is checked on the bytes before any loader reads them
     result = gate(loaded, TorchRunner(loaded, torch.device("cpu"), "fp32"), spec.parity_tolerance)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from legitseg.errors import UsageError
-from legitseg.manifest import Manifest, ModelSpec
-from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS
-from legitseg.shard import Shard
+from legitseg.images.decode import DEFAULT_MAX_PIXELS
+from legitseg.manifest.spec import Manifest, ModelSpec
+from legitseg.output.shard import Shard
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -49,8 +49,8 @@ class RunConfig:
     overlay: bool = False  # also write OUT/overlays/<model>/<name>.jpg
     tta: bool | None = None  # --tta/--no-tta; None: each model's manifest `tta`
     runners: list | None = None  # already built for `models` (a Predictor's); None: built when there is work
-    shard: Shard | None = None  # --shard i/N: only this part of the images (legitseg.shard)
-    engine: str = "local"  # local | ray (legitseg.ray_engine)
+    shard: Shard | None = None  # --shard i/N: only this part of the images (legitseg.output.shard)
+    engine: str = "local"  # local | ray (legitseg.engines.ray_data)
     address: str | None = None  # --address of a Ray cluster (engine ray)
 
     def __post_init__(self) -> None:
@@ -66,7 +66,7 @@ class RunConfig:
     def effective_models(self) -> None:
         """Apply --tta/--no-tta to the specs, so records and resume see the settings that ran."""
         if self.tta is not None:
-            from legitseg.manifest_modes import with_tta
+            from legitseg.manifest.modes import with_tta
 
             self.models = [with_tta(s, self.tta) for s in self.models]
 

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from legitseg import __version__
+from legitseg._version import __version__
 
 # Distribution names whose versions every run records (run.json "versions").
 RECORDED = {

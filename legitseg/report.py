@@ -27,14 +27,14 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from legitseg import __version__
+from legitseg._version import __version__
 from legitseg.errors import ImageError, UsageError
-from legitseg.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
-from legitseg.pipeline.decode import check_header, decode_rgb, read_bytes, sha256_bytes
-from legitseg.pipeline.sources import OUT_MARKER
-from legitseg.records import ImageRecord, ModelEntry
+from legitseg.images.decode import check_header, decode_rgb, read_bytes, sha256_bytes
+from legitseg.images.sources import OUT_MARKER
+from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
+from legitseg.output.records import ImageRecord, ModelEntry
+from legitseg.output.writers import RECORDS, atomic_write, scan_records
 from legitseg.run import RUNS
-from legitseg.writers import RECORDS, atomic_write, scan_records
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,11 @@ from typing import Any
 
 from legitseg.errors import ImageError, LegitsegError, NoImages
 from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
-from legitseg.lock import OutputLock
-from legitseg.manifest import ModelSpec
+from legitseg.images.decode import read_bytes
+from legitseg.images.naming import source_key
+from legitseg.images.sources import OUT_MARKER, Discovery, Source, discover_all
+from legitseg.manifest.spec import ModelSpec
+from legitseg.models.weights import verify_sha256
 from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are used through legitseg.run too
     BACKENDS,
     ENGINES,
@@ -32,13 +35,10 @@ from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are us
     default_workers,
     default_writers,
 )
-from legitseg.pipeline.decode import read_bytes
-from legitseg.pipeline.naming import source_key
-from legitseg.pipeline.sources import OUT_MARKER, Discovery, Source, discover_all
-from legitseg.records import ImageRecord
-from legitseg.shard import check_layout, claim_layout
-from legitseg.weights import verify_sha256
-from legitseg.writers import RECORDS, ImageOutcome, read_record, rebuild_summaries
+from legitseg.output.lock import OutputLock
+from legitseg.output.records import ImageRecord
+from legitseg.output.shard import check_layout, claim_layout
+from legitseg.output.writers import RECORDS, ImageOutcome, read_record, rebuild_summaries
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
         log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
         check_layout(cfg.out, cfg.shard)  # exit 2 now, before models are built, for another N
     if cfg.engine == "ray":
-        from legitseg.ray_engine import require_ray
+        from legitseg.engines.ray_data import require_ray
 
         require_ray()
     lock = OutputLock(cfg.out, cfg.shard)
@@ -198,7 +198,7 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
         if cfg.runners:
             device = cfg.runners[0].device
         else:
-            from legitseg.pipeline.infer import check_precision, choose_device
+            from legitseg.inference.torch_runner import check_precision, choose_device
 
             device = choose_device(cfg.device)
             check_precision(cfg.precision, device)
@@ -210,7 +210,7 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
         if cfg.runners:
             runners = list(cfg.runners)
         elif cfg.engine == "ray":  # the actors build the runners; the driver only verifies and plans
-            from legitseg.ray_engine import driver_runners
+            from legitseg.engines.ray_data import driver_runners
 
             runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend)
         else:
@@ -251,10 +251,10 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
-    from legitseg.overlay import Style
-    from legitseg.pipeline.infer import math_mode
-    from legitseg.records import settings_digest
-    from legitseg.writers import ModelInfo, Sink
+    from legitseg.inference.torch_runner import math_mode
+    from legitseg.output.overlay import Style
+    from legitseg.output.records import settings_digest
+    from legitseg.output.writers import ModelInfo, Sink
 
     infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
                        r.backend, r.parity) for r in runners]
@@ -262,11 +262,11 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     options = dict(batch_size=settings.batch_size or 1, workers=settings.workers, post_threads=writers,
                    save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels, stop=stop)
     if cfg.engine == "ray":
-        from legitseg.ray_engine import RayEngine
+        from legitseg.engines.ray_data import RayEngine
 
         engine = RayEngine(runners, address=cfg.address, precision=cfg.precision, **options)
     else:
-        from legitseg.pipeline.engine import Engine
+        from legitseg.engines.local import Engine
 
         engine = Engine(runners, keep_rgb=cfg.overlay, **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
@@ -284,7 +284,7 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             runners: list, started_at: float, run_id: str, found: Discovery) -> Path:
     """Rebuild scores.* from the records, write this run's file under runs/ and run.json
     (also after a failure, when possible)."""
-    from legitseg.overlay import Style
+    from legitseg.output.overlay import Style
     from legitseg.provenance import command_line, environment, versions
 
     models: dict[str, dict[str, Any]] = {
@@ -338,8 +338,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
 
 def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None) -> list:
     """Load (sha256-checked) and build one runner per model. Raises WeightsError/ManifestError (exit 3)."""
-    from legitseg.factory import load_model
-    from legitseg.pipeline.runners import build_runner
+    from legitseg.inference.registry import build_runner
+    from legitseg.models.factory import load_model
 
     runners = []
     for spec in specs:

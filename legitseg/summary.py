@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from legitseg.errors import RuntimeFailure, UsageError
-from legitseg.lock import OutputLock
-from legitseg.pipeline.sources import OUT_MARKER
-from legitseg.records import ImageRecord
+from legitseg.images.sources import OUT_MARKER
+from legitseg.output.lock import OutputLock
+from legitseg.output.records import ImageRecord
+from legitseg.output.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries, scan_records
 from legitseg.run import RUNS
-from legitseg.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries, scan_records
 
 log = logging.getLogger(__name__)
 RECENT_RUNS = 5  # runs listed in the text form; --json lists them all

@@ -34,7 +34,7 @@ def save_weights(module, path: Path, fmt: str = "safetensors") -> str:
     import torch
     from safetensors.torch import save_file
 
-    from legitseg.weights import hashed_file, sha256_file
+    from legitseg.models.weights import hashed_file, sha256_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
@@ -65,8 +65,8 @@ class ModelKit:
             **fields) -> dict:
         import torch
 
-        from legitseg.factory import build_module
-        from legitseg.manifest import ModelSpec
+        from legitseg.manifest.spec import ModelSpec
+        from legitseg.models.factory import build_module
 
         suffix = {"safetensors": ".safetensors", "pretrained": ""}.get(fmt, ".pt")
         weights = self.root / "weights" / f"{name}{suffix}"

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from legitseg.factory import load_model
-from legitseg.manifest import ModelSpec, load_manifest
-from legitseg.pipeline.decode import decode_rgb, prepare, read_bytes
-from legitseg.pipeline.postprocess import activation
-from legitseg.pipeline.runners import build_runner
+from legitseg.images.decode import decode_rgb, prepare, read_bytes
+from legitseg.inference.activation import activation
+from legitseg.inference.registry import build_runner
+from legitseg.manifest.spec import ModelSpec, load_manifest
+from legitseg.models.factory import load_model
 from tests import reference
 from tests.images import picture, save
 

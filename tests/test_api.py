@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from legitseg import ImageFailed, ManifestError, Prediction, Predictor, UsageError, WeightsError
-from legitseg.writers import encode_png
+from legitseg.output.writers import encode_png
 from tests.conftest import REPO, ModelKit
 from tests.images import picture, save
 from tests.test_run_e2e import MODELS, calibrate
@@ -286,7 +286,7 @@ def test_import_legitseg_does_not_import_torch():
 
 def test_api_defaults_match_the_cli():
     from legitseg.api import DEFAULT_MAX_PIXELS
-    from legitseg.pipeline.decode import DEFAULT_MAX_PIXELS as DECODE_DEFAULT
+    from legitseg.images.decode import DEFAULT_MAX_PIXELS as DECODE_DEFAULT
 
     assert DEFAULT_MAX_PIXELS == DECODE_DEFAULT
 

@@ -16,23 +16,23 @@ PACKAGE = REPO / "legitseg"
 # Lowest first. A module may import modules of its own layer or below, never above.
 # (Within a layer, the modules are siblings: the backends, say.)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg._smp_names", "legitseg.ort"]),
-    ("data", ["legitseg.records", "legitseg.tolerances", "legitseg.shard", "legitseg.manifest_yaml", "legitseg.manifest_colors", "legitseg.manifest_modes", "legitseg.manifest", "legitseg.provenance",
-              "legitseg.lock"]),
-    ("models", ["legitseg.weights", "legitseg.factory", "legitseg.convert", "legitseg.describe",
-                "legitseg.check", "legitseg.onnx_backend"]),
-    ("input", ["legitseg.pipeline", "legitseg.pipeline.naming", "legitseg.pipeline.containers",
-               "legitseg.pipeline.sources", "legitseg.pipeline.decode", "legitseg.pipeline.device_decode", "legitseg.pipeline.pixels",
-               "legitseg.pipeline.geometry"]),
-    ("compute", ["legitseg.pipeline.postprocess", "legitseg.pipeline.runners", "legitseg.pipeline.infer",
-                 "legitseg.pipeline.ort_runner", "legitseg.pipeline.modes", "legitseg.pipeline.tta",
-                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling", "legitseg.pipeline.transfer", "legitseg.pipeline.layout_tuning",
-                 "legitseg.pipeline.profile"]),
-    ("output", ["legitseg.writers", "legitseg.overlay"]),
-    ("engines", ["legitseg.pipeline.engine", "legitseg.ray_engine"]),
-    ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate", "legitseg.evaluate_truth", "legitseg.evaluate_output",
-              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify",
-              "legitseg.verify_compare", "legitseg.verify_package", "legitseg.verify_schema", "legitseg.inputs"]),
+    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg.manifest.smp_names", "legitseg.inference.ort_import"]),
+    ("data", ["legitseg.output.records", "legitseg.verify.tolerances", "legitseg.output.shard", "legitseg.manifest.safe_yaml", "legitseg.manifest.colours", "legitseg.manifest.modes", "legitseg.manifest.spec", "legitseg.provenance",
+              "legitseg.output.lock"]),
+    ("models", ["legitseg.models.weights", "legitseg.models.factory", "legitseg.models.convert", "legitseg.models.describe",
+                "legitseg.models.check", "legitseg.models.onnx_export"]),
+    ("input", ["legitseg.pipeline", "legitseg.images.naming", "legitseg.images.containers",
+               "legitseg.images.sources", "legitseg.images.decode", "legitseg.images.device_decode", "legitseg.images.pixels",
+               "legitseg.images.geometry"]),
+    ("compute", ["legitseg.inference.postprocess", "legitseg.inference.runners", "legitseg.inference.torch_runner",
+                 "legitseg.inference.ort_runner", "legitseg.inference.modes", "legitseg.pipeline.tta",
+                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling", "legitseg.engines.transfer", "legitseg.inference.layout_tuning",
+                 "legitseg.engines.profile"]),
+    ("output", ["legitseg.output.writers", "legitseg.output.overlay"]),
+    ("engines", ["legitseg.engines.local", "legitseg.engines.ray_data"]),
+    ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate.scoring", "legitseg.evaluate.truth", "legitseg.evaluate.output",
+              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify.cases",
+              "legitseg.verify.compare", "legitseg.verify.package", "legitseg.verify.schema", "legitseg.images.inputs"]),
     ("api", ["legitseg.api"]),
     ("cli", ["legitseg.cli", "legitseg.cli.*", "legitseg.__main__"]),
 ]
@@ -126,7 +126,7 @@ def record_keys_spelled(path: Path) -> set[str]:
 
 
 def test_the_record_format_is_defined_in_one_module():
-    """Record fields are read and written through legitseg.records' types, never by string key elsewhere."""
+    """Record fields are read and written through legitseg.output.records' types, never by string key elsewhere."""
     elsewhere = {module_name(p): keys for p in MODULES
                  if p.name != "records.py" and module_name(p) not in PENDING and (keys := record_keys_spelled(p))}
     assert not elsewhere, f"record keys spelled outside records.py: {elsewhere}"

@@ -36,7 +36,7 @@ def test_tiny_bench_reports_every_column(tmp_path, monkeypatch, capsys):
     assert results["columns"] == [key for key, _ in report.COLUMNS]
     rows = {row["row"]: row for row in results["rows"]}
     expected = {"single model", "large images"}
-    if importlib.util.find_spec("legitseg.onnx_backend") is not None:
+    if importlib.util.find_spec("legitseg.models.onnx_export") is not None:
         expected.add("single model onnxruntime")
     assert expected <= rows.keys(), rows.keys()
     for row in rows.values():
@@ -100,7 +100,7 @@ def test_the_two_model_loop_and_bound_of_the_two_model_row(tmp_path):
     import cv2
     import numpy as np
 
-    from legitseg.factory import build_module
+    from legitseg.models.factory import build_module
 
     files = []
     for i in range(3):

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from legitseg._smp_names import ARCHITECTURES
 from legitseg.cli import app
 from legitseg.errors import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from legitseg.manifest.smp_names import ARCHITECTURES
 from tests.conftest import TINY, ModelKit, run_cli
 
 
@@ -343,8 +343,8 @@ def test_a_stretch_size_off_the_stride_fails_check_and_run_before_out_exists(tmp
 
 # -- models check / list when all is well -------------------------------------------------------
 def test_check_prints_build_time_parameters_and_weight_memory(tmp_path, weights):
-    from legitseg.factory import build_module
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import build_module
 
     path = write_manifest(tmp_path, {k: weights[k] for k in ("lesion", "grade", "pretrained")})
     r = invoke("models", "check", "-m", path)

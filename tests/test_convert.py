@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from legitseg.cli import app
 from legitseg.errors import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from legitseg.factory import build_module, load_model
-from legitseg.manifest import ModelSpec
+from legitseg.manifest.spec import ModelSpec
+from legitseg.models.factory import build_module, load_model
 from tests.conftest import TINY
 
 
@@ -86,7 +86,7 @@ def test_convert_writes_the_state_dict_and_prints_the_sha256_to_pin(tmp_path, tr
     # The converted file passes `models check` and loads to exactly the trained tensors.
     manifest = manifest_for(tmp_path, out)
     assert invoke("models", "check", "-m", manifest).exit_code == EXIT_OK
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
 
     loaded = load_model(load_manifest(manifest).models["lesion"])
     for k, v in module.state_dict().items():

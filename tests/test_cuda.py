@@ -129,8 +129,8 @@ PHOTOS = sorted((REPO / "examples" / "images").iterdir())
 def _demo_models():
     import yaml
 
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
 
     entries = yaml.safe_load((REPO / "models.yaml").read_text())["models"]
     manifest = load_manifest(REPO / "models.yaml")
@@ -142,9 +142,9 @@ def test_fp32_on_cuda_matches_the_reference_implementation_on_the_demo_photograp
     (Pillow, smp, torch on the CPU) on every bundled photograph, max |dp| <= 1e-4."""
     import torch.nn.functional as F
 
-    from legitseg.pipeline.decode import prepare
-    from legitseg.pipeline.infer import TorchRunner, math_mode
-    from legitseg.pipeline.postprocess import activation
+    from legitseg.images.decode import prepare
+    from legitseg.inference.activation import activation
+    from legitseg.inference.torch_runner import TorchRunner, math_mode
     from tests import reference
 
     cuda = torch.device("cuda")
@@ -171,8 +171,8 @@ def test_fp32_on_cuda_matches_the_reference_implementation_on_the_demo_photograp
 
 def test_gpu_jpeg_decode_stays_within_its_stated_tolerance_of_opencv(tmp_path):
     """nvJPEG is not libjpeg: pixels within a few levels, results within what docs/architecture.md states."""
-    from legitseg.pipeline import device_decode
-    from legitseg.pipeline.decode import decode_rgb
+    from legitseg.images import device_decode
+    from legitseg.images.decode import decode_rgb
     from tests.images import picture, save
 
     cuda = torch.device("cuda")
@@ -234,11 +234,11 @@ def test_one_device_synchronisation_per_batch_at_most(tmp_path, recwarn):
     import threading
     import warnings
 
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline.engine import Engine
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.pipeline.sources import Source
+    from legitseg.engines.local import Engine
+    from legitseg.images.sources import Source
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
 
     images = _jpeg_folder(tmp_path / "in", 24)
     loaded = load_model(load_manifest(REPO / "models.yaml").models["erythema_segmenter"])
@@ -266,7 +266,7 @@ def test_gpu_decode_is_not_written_into_memory_that_queued_kernels_still_read(tm
     (pytorch/vision PR 9606: 199 of 200 on an H100); `device_decode.Streams` keeps the decoder off them."""
     import time
 
-    from legitseg.pipeline import device_decode
+    from legitseg.images import device_decode
     from tests.images import picture, save
 
     cuda = torch.device("cuda")
@@ -292,7 +292,7 @@ def test_the_batch_event_lets_the_waiting_thread_sleep():
     """Transfer's event is blocking: waiting for a long copy costs the waiting thread no CPU to speak of."""
     import time
 
-    from legitseg.pipeline.transfer import Transfer
+    from legitseg.engines.transfer import Transfer
 
     cuda = torch.device("cuda")
     transfer = Transfer(cuda, torch.cuda.Stream(cuda))

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from legitseg.errors import ImageError
-from legitseg.pipeline.decode import Prep, load_image
-from legitseg.pipeline.sources import Source
+from legitseg.images.decode import load_image
+from legitseg.images.decoded import Prep
+from legitseg.images.sources import Source
 from tests.images import FAKE_MP4, picture, picture16, png16, save, save_heic, save_palette
 
 MAX_PIXELS = 100_000_000
@@ -317,7 +318,7 @@ def _scan_end_by_loop(data: bytes, pos: int) -> int | None:
 
 
 def test_the_scan_end_search_finds_what_the_byte_loop_finds():
-    from legitseg.pipeline.containers import _scan_end
+    from legitseg.images.containers import _scan_end
 
     rng = np.random.default_rng(5)
     alphabet = np.array([0xFF, 0x00, 0xD0, 0xD7, 0xD8, 0xD9, 0xC4, 0x12], np.uint8)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legitseg.manifest import load_manifest
+from legitseg.manifest.spec import load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "examples" / "images"

@@ -20,14 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from legitseg.pipeline import device_decode
-from legitseg.pipeline.decode import Prep, decode_rgb
-from legitseg.pipeline.transfer import Transfer
+from legitseg.engines.transfer import Transfer
+from legitseg.images import device_decode
+from legitseg.images.decode import decode_rgb
+from legitseg.images.decoded import Prep
 from tests.images import picture, save
 
 
 def _engine(runners, **kw):
-    from legitseg.pipeline.engine import Engine
+    from legitseg.engines.local import Engine
 
     return Engine(runners, batch_size=3, workers=2, post_threads=2, save_probabilities=True, max_pixels=10**8,
                   stop=threading.Event(), **kw)
@@ -35,9 +36,9 @@ def _engine(runners, **kw):
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline.runners import build_runner
+    from legitseg.inference.registry import build_runner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
     from tests.conftest import ModelKit
 
     kit = ModelKit(tmp_path_factory.mktemp("kit"))
@@ -67,7 +68,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _sources(d: Path):
-    from legitseg.pipeline.sources import Source
+    from legitseg.images.sources import Source
 
     return [Source(p, p.name) for p in sorted(d.iterdir())]
 
@@ -192,7 +193,7 @@ def test_device_decode_path_agrees_with_the_cpu_path(runners, folder, monkeypatc
 
 
 def test_device_decode_is_off_where_the_device_cannot_make_the_input(runners, monkeypatch):
-    from legitseg.pipeline.engine import Engine
+    from legitseg.engines.local import Engine
 
     assert device_decode.supports([Prep("stretch", (8, 8), "linear", 3), Prep("pad", None, "linear", 3)])
     assert not device_decode.supports([Prep("stretch", (8, 8), "area", 3)])
@@ -231,7 +232,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkey
 
 # -- the fastest variant of a model (layout, half weights), chosen on the first batch ------------
 def _tuned_pair(runners, precision, tmp_path, monkeypatch):
-    from legitseg.pipeline.infer import TorchRunner
+    from legitseg.inference.torch_runner import TorchRunner
 
     monkeypatch.setenv("LEGITSEG_CACHE_DIR", str(tmp_path / "cache"))
     loaded = runners[0].loaded  # "binary", 64x96 stretch
@@ -243,8 +244,9 @@ def _tuned_pair(runners, precision, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_layout_tuning_measures_every_variant_and_remembers_the_choice(runners, precision, tmp_path, monkeypatch):
-    from legitseg.pipeline import layout_tuning
-    from legitseg.pipeline.infer import TorchRunner, variants
+    from legitseg.inference import layout_tuning
+    from legitseg.inference.precision import variants
+    from legitseg.inference.torch_runner import TorchRunner
 
     plain, tuned, arrays = _tuned_pair(runners, precision, tmp_path, monkeypatch)
     timed = []
@@ -266,7 +268,7 @@ def test_layout_tuning_measures_every_variant_and_remembers_the_choice(runners, 
 
 
 def test_a_faster_variant_that_changes_results_is_not_used(runners, tmp_path, monkeypatch):
-    from legitseg.pipeline import layout_tuning
+    from legitseg.inference import layout_tuning
 
     _, tuned, arrays = _tuned_pair(runners, "fp32", tmp_path, monkeypatch)
     real = layout_tuning._time

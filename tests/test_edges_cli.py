@@ -54,20 +54,20 @@ def _cases(d: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     m, out, root = str(d["manifest"]), str(d["out"]), d["root"]
     return {
         "run": (["run", str(d["images"]), "-o", str(root / "new"), "-m", m], "legitseg.api.run"),
-        "evaluate": (["evaluate", out, str(root / "gt")], "legitseg.evaluate.evaluate"),
+        "evaluate": (["evaluate", out, str(root / "gt")], "legitseg.evaluate.scoring.evaluate"),
         "report": (["report", out, "-o", str(root / "r.html")], "legitseg.report.write_report"),
         "summary": (["summary", out], "legitseg.summary.summary"),
         "info": (["info"], "legitseg.provenance.versions"),
         "info --json": (["info", "--json"], "legitseg.bom.bill_of_materials"),
         "export": (["export", "seg", "-o", str(root / "seg.onnx"), "-m", m], "legitseg.export.export_model"),
-        "verify": (["verify", str(root / "pkg"), "-m", m], "legitseg.verify.verify_package"),
+        "verify": (["verify", str(root / "pkg"), "-m", m], "legitseg.verify.cases.verify_package"),
         "verify --make": (["verify", str(root / "pkg2"), str(d["images"]), "--make", "-m", m],
-                          "legitseg.verify.make_package"),
-        "models list": (["models", "list", "-m", m], "legitseg.manifest.load_manifest"),
-        "models check": (["models", "check", "-m", m], "legitseg.check.check_model"),
-        "models hash": (["models", "hash", str(d["weights"])], "legitseg.weights.sha256_file"),
+                          "legitseg.verify.cases.make_package"),
+        "models list": (["models", "list", "-m", m], "legitseg.manifest.spec.load_manifest"),
+        "models check": (["models", "check", "-m", m], "legitseg.models.check.check_model"),
+        "models hash": (["models", "hash", str(d["weights"])], "legitseg.models.weights.sha256_file"),
         "models convert": (["models", "convert", str(d["weights"]), str(root / "c.safetensors")],
-                           "legitseg.convert.convert_checkpoint"),
+                           "legitseg.models.convert.convert_checkpoint"),
     }
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from legitseg import evaluate_output
+from legitseg.evaluate import output as evaluate_output
 from tests.conftest import invoke_cli
 
 LESION = np.zeros((12, 16), np.uint8)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from legitseg.errors import EXIT_INTEGRITY
-from legitseg.manifest import load_manifest
-from legitseg.overlay import ALPHA
+from legitseg.manifest.spec import load_manifest
+from legitseg.output.overlay import ALPHA
 from tests.conftest import invoke_cli
 from tests.images import picture, save
 
@@ -257,7 +257,7 @@ def test_item9_each_model_entry_names_the_run_that_computed_it(two_models, tmp_p
 
 
 def test_item9_an_out_written_by_main_reads_round_trip_and_resumes_with_nothing_redone(two_models, tmp_path):
-    from legitseg.records import ImageRecord
+    from legitseg.output.records import ImageRecord
 
     kit, manifest, photos = two_models
     out = tmp_path / "out"

@@ -64,9 +64,9 @@ def _onnxruntime_imports(path: Path) -> list[str]:
 
 def test_item11_every_onnxruntime_import_goes_through_the_guarded_function():
     imports = {str(p.relative_to(REPO)): _onnxruntime_imports(p) for p in PACKAGE.rglob("*.py")}
-    assert imports.get("legitseg/ort.py"), "legitseg/ort.py must be where ONNX Runtime is imported"
-    others = sorted(hit for name, hits in imports.items() if name != "legitseg/ort.py" for hit in hits)
-    assert others == [], f"import ONNX Runtime through legitseg.ort.onnxruntime(): {others}"
+    assert imports.get("legitseg/inference/ort_import.py"), "legitseg/inference/ort_import.py must be where ONNX Runtime is imported"
+    others = sorted(hit for name, hits in imports.items() if name != "legitseg/inference/ort_import.py" for hit in hits)
+    assert others == [], f"import ONNX Runtime through legitseg.inference.ort_import.onnxruntime(): {others}"
     # The checker itself finds the forms it looks for.
     probe = PACKAGE.parent / "tests" / "__edges_probe.py"
     try:
@@ -99,7 +99,7 @@ def test_item11_the_guarded_import_leaves_nothing_even_when_telemetry_was_asked_
     subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env_bare, check=True, timeout=120)
     assert any(f.startswith(TELEMETRY.as_posix()) for f in _home_files(bare)), _home_files(bare)
 
-    code = ("import os; from legitseg.ort import onnxruntime; ort = onnxruntime(); "
+    code = ("import os; from legitseg.inference.ort_import import onnxruntime; ort = onnxruntime(); "
             "assert ort.InferenceSession; print(os.environ['ORT_DISABLE_TELEMETRY'])")
     r = subprocess.run([sys.executable, "-c", code], env=_clean_env(guarded, ORT_DISABLE_TELEMETRY="0"),
                        capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -230,7 +230,7 @@ def test_low_shard_layout(world, tmp_path):
 
 
 def test_low_shard_layout_first_writer_wins_and_damage_is_named(tmp_path):
-    from legitseg.shard import Shard, claim_layout
+    from legitseg.output.shard import Shard, claim_layout
 
     out = tmp_path / "out"
     claim_layout(out, Shard(1, 4))

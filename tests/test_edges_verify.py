@@ -172,7 +172,7 @@ def test_item4_case_input_sha256_is_compared_with_the_bytes(made, package, tmp_p
 
 
 def test_item4_hashing_streams_in_bounded_memory(package):
-    from legitseg.verify_package import read_package
+    from legitseg.verify.package import read_package
 
     big = package / "cases" / "big.bin"
     with open(big, "wb") as f:
@@ -256,7 +256,7 @@ def test_item4_loosened_tolerances_and_a_rehashed_file_change_the_digest(made, p
 
 # -- what --make writes satisfies all of the above ---------------------------------------------
 def test_item4_make_lists_and_hashes_every_case_file_under_safe_relative_paths(made, tmp_path):
-    from legitseg.verify_schema import path_problem
+    from legitseg.verify.schema import path_problem
 
     photo = save(tmp_path / "photos" / "left arm\\2024 é.jpg", picture(40, 52, 5), quality=90)
     package = tmp_path / "package"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from legitseg.cli import app
 from legitseg.errors import ImageError
-from legitseg.evaluate import ClassScore, class_counts, read_label_map
+from legitseg.evaluate.scoring import ClassScore, class_counts, read_label_map
 from tests.conftest_demo import DEMO_IMAGES, DEMO_TRUTH, REPO, demo_out  # noqa: F401
 
 

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from legitseg.factory import build_module, load_model
-from legitseg.manifest import ModelSpec, load_manifest
-from legitseg.weights import sha256_file
+from legitseg.manifest.spec import ModelSpec, load_manifest
+from legitseg.models.factory import build_module, load_model
+from legitseg.models.weights import sha256_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

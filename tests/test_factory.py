@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from legitseg.errors import EXIT_INTEGRITY, ManifestError, WeightsError
-from legitseg.factory import SeverityClassifier, build_module, load_model, resolve_normalize
-from legitseg.manifest import ModelSpec
-from legitseg.weights import hashed_file, sha256_file
+from legitseg.manifest.spec import ModelSpec
+from legitseg.models.factory import SeverityClassifier, build_module, load_model, resolve_normalize
+from legitseg.models.weights import hashed_file, sha256_file
 from tests.conftest import TINY
 
 ARCHITECTURES = [a.__name__ for a in smp._MODEL_ARCHITECTURES]
@@ -348,8 +348,8 @@ def refuse(*a, **k):
     raise OSError("network access attempted")
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
 import torch
-from legitseg.factory import load_model
-from legitseg.manifest import load_manifest
+from legitseg.models.factory import load_model
+from legitseg.manifest.spec import load_manifest
 report = {"import_s": time.perf_counter() - started, "models": {}}
 for spec in load_manifest(sys.argv[1]).models.values():
     loaded = load_model(spec)
@@ -376,7 +376,7 @@ def test_production_models_build_from_a_manifest_offline_and_fast(kit, capsys):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert list(report["models"]) == list(PRODUCTION)
-    lines = [f"fresh process: import torch + legitseg.factory {report['import_s']:.2f} s, then load_model "
+    lines = [f"fresh process: import torch + legitseg.models.factory {report['import_s']:.2f} s, then load_model "
              "(sha256 + parse + build + strict load):"]
     for name, fields in PRODUCTION.items():
         got = report["models"][name]
@@ -404,9 +404,9 @@ def test_hf_hub_offline_is_set_in_exactly_one_place():
 
 
 def test_importing_the_factory_alone_turns_the_hub_off():
-    # A fresh interpreter without HF_HUB_OFFLINE: importing legitseg.factory runs
+    # A fresh interpreter without HF_HUB_OFFLINE: importing legitseg.models.factory runs
     # legitseg/__init__ first, so huggingface_hub reads the variable already set.
-    code = ("import legitseg.factory, huggingface_hub.constants as c, os; "
+    code = ("import legitseg.models.factory, huggingface_hub.constants as c, os; "
             "print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -113,7 +113,7 @@ def test_4_non_finite_results_never_reach_json(tmp_path):
     state = load_file(str(weights))
     state = {k: torch.full_like(v, float("nan")) if "classification_head" in k else v for k, v in state.items()}
     save_file(state, str(weights))
-    from legitseg.weights import sha256_file
+    from legitseg.models.weights import sha256_file
 
     kit.models["grade"]["sha256"] = sha256_file(weights)
     out = tmp_path / "out"

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from legitseg.pipeline import device_decode
-from legitseg.pipeline.device_decode import out_of_memory
+from legitseg.images import device_decode
+from legitseg.images.device_decode import out_of_memory
 from tests.images import picture, save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline.runners import build_runner
+    from legitseg.inference.registry import build_runner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
     from tests.conftest import ModelKit
 
     kit = ModelKit(tmp_path_factory.mktemp("kit"))
@@ -50,13 +50,13 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _sources(d: Path):
-    from legitseg.pipeline.sources import Source
+    from legitseg.images.sources import Source
 
     return [Source(p, p.name) for p in sorted(d.iterdir())]
 
 
 def _engine(runners, **kw):
-    from legitseg.pipeline.engine import Engine
+    from legitseg.engines.local import Engine
 
     options = dict(batch_size=4, workers=2, post_threads=2, save_probabilities=True, max_pixels=10**8,
                    stop=threading.Event(), batched_post=True, device_decode=True)
@@ -179,7 +179,7 @@ def test_a_forward_out_of_memory_that_passes_after_emptying_the_cache_keeps_the_
 
 def test_a_decode_out_of_memory_decodes_that_batch_on_the_cpu_in_the_decode_pool(runners, folder, monkeypatch,
                                                                                  caplog):
-    from legitseg.pipeline.engine import Engine
+    from legitseg.engines.local import Engine
 
     plain = _probabilities(_engine(runners, device_decode=False).process(_sources(folder)))
     calls, threads = [], []
@@ -210,7 +210,7 @@ def test_a_decode_out_of_memory_decodes_that_batch_on_the_cpu_in_the_decode_pool
 
 def test_out_of_memory_moving_inputs_to_the_device_halves_the_batch(runners, folder, monkeypatch):
     """Room for one image's inputs at a time: pinning the second raises; the batch goes in halves, then ones."""
-    from legitseg.pipeline.engine import Engine
+    from legitseg.engines.local import Engine
 
     plain = _probabilities(_engine(runners, device_decode=False).process(_sources(folder)))
     held = [0]
@@ -269,7 +269,7 @@ def test_a_gpu_decode_of_another_size_is_decoded_on_the_cpu_instead(runners, fol
 
 
 def test_the_ray_driver_builds_no_cuda_runner(runners):
-    from legitseg.ray_engine import DriverRunner, driver_runners
+    from legitseg.engines.ray_data import DriverRunner, driver_runners
 
     specs = [r.loaded.spec for r in runners]
     built = driver_runners(specs, torch.device("cuda", 0), "fp16", None)
@@ -280,7 +280,7 @@ def test_the_ray_driver_builds_no_cuda_runner(runners):
 
 
 def test_check_header_reads_jpeg_and_png_without_pillow_heif(tmp_path, monkeypatch):
-    from legitseg.pipeline.decode import check_header
+    from legitseg.images.decode import check_header
 
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # importing it now raises ImportError
     jpeg = save(tmp_path / "a.jpg", picture(20, 30)).read_bytes()
@@ -345,16 +345,16 @@ def test_two_predict_generators_of_different_precisions_do_not_hold_the_switch(k
 
 # -- item 3: only exactly equivalent variants are chosen by timing -------------------------------------
 def test_half_weights_are_asked_for_by_name_and_change_the_settings_digest(kit, tmp_path, monkeypatch):
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.records import settings_digest
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.output.records import settings_digest
 
     monkeypatch.setenv("LEGITSEG_CACHE_DIR", str(tmp_path / "cache"))
     kit.add("plain", seed=5)
     kit.add("halved", seed=5, half_weights=True)
     specs = load_manifest(kit.write()).models
     assert settings_digest(specs["plain"]) != settings_digest(specs["halved"])
-    from legitseg.factory import load_model
+    from legitseg.models.factory import load_model
 
     arrays = [picture(64, 64, s) for s in range(2)]
     for name, dtype, variant in (("plain", torch.float32, ""), ("halved", torch.bfloat16, "+half")):

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from legitseg.cli import app
-from legitseg.pipeline.geometry import content_slices, letterbox_size
-from legitseg.pipeline.runners import Preprocessor
+from legitseg.images.geometry import content_slices, letterbox_size
+from legitseg.inference.runners import Preprocessor
 from tests import reference_modes as ref
 from tests.conftest import ModelKit
 from tests.modes_kit import decoded, legit_probs, photos, reference_modules, runners

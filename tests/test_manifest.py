@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from legitseg.errors import EXIT_INTEGRITY, EXIT_USAGE, ManifestError, UsageError
-from legitseg.manifest import load_manifest, parse_manifest
+from legitseg.manifest.spec import load_manifest, parse_manifest
 
 SHA_A = "9f2c" + "0" * 60
 SHA_B = "41AA" + "0" * 60

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from legitseg.pipeline.naming import COMPONENT_MAX_BYTES, NAME_MAX, candidate, escape
-from legitseg.pipeline.sources import discover_all, source_key
+from legitseg.images.naming import COMPONENT_MAX_BYTES, NAME_MAX, candidate, escape
+from legitseg.images.sources import discover_all, source_key
 
 
 def touch(root: Path, *names: str) -> None:

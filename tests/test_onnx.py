@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 from legitseg.cli import app
 from legitseg.errors import UsageError
 from legitseg.export import read_sidecar
-from legitseg.factory import load_model
-from legitseg.manifest import load_manifest
-from legitseg.onnx_backend import cache_dir, cached_onnx
-from legitseg.pipeline.infer import TorchRunner
-from legitseg.pipeline.ort_runner import OrtRunner, ort_threads
-from legitseg.pipeline.ort_runner import gate as ort_gate
-from legitseg.pipeline.runners import choose_backend
+from legitseg.inference.ort_runner import OrtRunner, ort_threads
+from legitseg.inference.ort_runner import gate as ort_gate
+from legitseg.inference.registry import choose_backend
+from legitseg.inference.torch_runner import TorchRunner
+from legitseg.manifest.spec import load_manifest
+from legitseg.models.factory import load_model
+from legitseg.models.onnx_export import cache_dir, cached_onnx
 from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
@@ -142,7 +142,7 @@ def test_each_architecture_exports_and_passes_the_gate_or_falls_back_to_torch(
 
 
 def test_every_smp_architecture_has_a_case():
-    from legitseg._smp_names import ARCHITECTURES as SMP
+    from legitseg.manifest.smp_names import ARCHITECTURES as SMP
 
     assert {a for _, a, *_ in ARCHITECTURES} == set(SMP) == set(SMALL)
 

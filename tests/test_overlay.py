@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from legitseg.cli import app
 from legitseg.errors import ManifestError
-from legitseg.manifest import load_manifest, parse_manifest
-from legitseg.overlay import ALPHA, PALETTE, Style, outline_width, segmentation_overlay
-from legitseg.records import ImageRecord
+from legitseg.manifest.spec import load_manifest, parse_manifest
+from legitseg.output.overlay import ALPHA, PALETTE, Style, outline_width, segmentation_overlay
+from legitseg.output.records import ImageRecord
 from tests.conftest import ModelKit
 from tests.images import picture, save
 
@@ -167,10 +167,10 @@ def test_engine_keeps_the_photograph_only_when_asked(setup):
     """Without --overlay the engine carries no RGB past the forward pass (run as fast as before)."""
     import torch
 
-    from legitseg.factory import load_model
-    from legitseg.pipeline.engine import Engine
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.pipeline.sources import Source
+    from legitseg.engines.local import Engine
+    from legitseg.images.sources import Source
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.models.factory import load_model
 
     _, manifest, photos, _ = setup
     runner = TorchRunner(load_model(load_manifest(manifest).models["seg"]), torch.device("cpu"))

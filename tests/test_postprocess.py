@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from legitseg.manifest import ModelSpec
-from legitseg.pipeline.postprocess import (
+from legitseg.inference.postprocess import (
     argmax_planes,
     segmentation,
     severity,
     sigmoid_cutoff,
     upsample,
 )
+from legitseg.manifest.spec import ModelSpec
 
 TINY = "tu-test_resnet.r160_in1k"
 

@@ -84,7 +84,7 @@ def _spread(kit, name: str, factor: float) -> None:
     """
     from safetensors.torch import load_file, save_file
 
-    from legitseg.weights import sha256_file
+    from legitseg.models.weights import sha256_file
 
     entry = kit.models[name]
     path = kit.root / entry["weights"]
@@ -126,15 +126,15 @@ def test_fp16_on_cuda_agrees_with_fp32(two_models, tmp_path):
 
 
 def _runner(spec, channels_last: bool):
-    from legitseg.factory import load_model
-    from legitseg.pipeline.infer import TorchRunner
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.models.factory import load_model
 
     return TorchRunner(load_model(spec), torch.device("cpu"), "fp32", channels_last=channels_last)
 
 
 @pytest.mark.parametrize("resize", ["stretch", "pad"])
 def test_channels_last_and_contiguous_give_the_same_logits(kit, resize):
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
 
     kit.add("lesion", resize=resize, seed=3)
     kit.add("grade", task="severity", arch=None, classes=4, seed=4, resize=resize)
@@ -153,7 +153,7 @@ def test_channels_last_and_contiguous_give_the_same_logits(kit, resize):
 
 def test_batch_of_three_matches_one_at_a_time(kit):
     """The forward bound times batches of 1-8; results must not depend on the batch (SPEC 4.5)."""
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
 
     kit.add("lesion", seed=5)
     spec = load_manifest(kit.write()).models["lesion"]

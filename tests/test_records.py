@@ -1,4 +1,4 @@
-"""The record format (legitseg/records.py): round trip, rows, the resume rule, damaged records."""
+"""The record format (legitseg/output/records.py): round trip, rows, the resume rule, damaged records."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 from legitseg.cli import app
-from legitseg.manifest import ModelSpec
-from legitseg.records import FORMAT_VERSION, ImageRecord, ModelEntry, RecordError, settings_digest
+from legitseg.manifest.spec import ModelSpec
+from legitseg.output.records import (
+    FORMAT_VERSION,
+    ImageRecord,
+    ModelEntry,
+    RecordError,
+    settings_digest,
+)
 from tests.conftest import TINY, ModelKit
 from tests.images import picture
 

@@ -195,7 +195,7 @@ def _code_pickle(path: Path, marker: Path) -> None:
 def test_integrity_errors_exit_3_and_write_nothing(kit, tmp_path, case):
     import yaml
 
-    from legitseg.weights import sha256_file
+    from legitseg.models.weights import sha256_file
 
     kit.add("seg")
     marker = tmp_path / "PWNED"
@@ -334,11 +334,11 @@ def test_resume_skips_done_and_redoes_changed(kit, tmp_path):
 
 # -- 6. one run per output folder ---------------------------------------------------------------
 def test_second_run_exits_5_naming_the_pid_and_lock_dies_with_the_process(manifest, tmp_path):
-    from legitseg.lock import OutputLock
+    from legitseg.output.lock import OutputLock
 
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from legitseg.lock import OutputLock;"
+        "import sys, time; from pathlib import Path; from legitseg.output.lock import OutputLock;"
         f"OutputLock(Path({str(out)!r})).acquire(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -434,11 +434,11 @@ def test_out_of_memory_retries_image_by_image(kit, tmp_path):
     """A batch that does not fit is retried one image at a time; an image that still does not fit fails alone."""
     import torch
 
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
-    from legitseg.pipeline.engine import Engine
-    from legitseg.pipeline.infer import TorchRunner
-    from legitseg.pipeline.sources import Source
+    from legitseg.engines.local import Engine
+    from legitseg.images.sources import Source
+    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
 
     kit.add("seg")
     spec = load_manifest(kit.write()).models["seg"]

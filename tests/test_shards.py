@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from legitseg.cli import app
 from legitseg.errors import OutputLocked, UsageError
-from legitseg.lock import OutputLock, shard_lock_name
-from legitseg.shard import Shard, shard_of
+from legitseg.output.lock import OutputLock, shard_lock_name
+from legitseg.output.shard import Shard, shard_of
 from tests.conftest import REPO, invoke_cli, run_cli
 
 N_IMAGES = 24
@@ -108,8 +108,8 @@ def test_shards_partition_names_deterministically():
 def _hold(out: Path, shard: str | None) -> subprocess.Popen:
     arg = f"Shard.parse({shard!r})" if shard else "None"
     proc = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from legitseg.lock import OutputLock;"
-        "from legitseg.shard import Shard;"
+        "import time; from pathlib import Path; from legitseg.output.lock import OutputLock;"
+        "from legitseg.output.shard import Shard;"
         f"OutputLock(Path({str(out)!r}), {arg}).acquire(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "locked"

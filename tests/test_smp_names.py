@@ -1,11 +1,11 @@
-"""legitseg/_smp_names.py is a snapshot of smp's names, so the manifest validates without torch.
+"""legitseg/manifest/smp_names.py is a snapshot of smp's names, so the manifest validates without torch.
 
 These tests fail when the installed smp offers a different set than the snapshot.
 """
 
 import segmentation_models_pytorch as smp
 
-from legitseg import _smp_names
+from legitseg.manifest import smp_names as _smp_names
 
 
 def test_snapshot_is_for_the_installed_smp():

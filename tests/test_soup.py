@@ -169,7 +169,7 @@ def test_check_refuses_weights_that_give_non_finite_outputs(kit):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from legitseg.weights import sha256_file
+    from legitseg.models.weights import sha256_file
 
     entry = kit.add("broken")
     path = kit.root / entry["weights"]

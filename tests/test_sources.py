@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from legitseg.errors import UsageError
-from legitseg.pipeline.sources import discover, discover_all
+from legitseg.images.sources import discover, discover_all
 
 
 def touch(root: Path, *names: str) -> None:

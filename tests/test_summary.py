@@ -86,8 +86,8 @@ def test_summary_of_a_folder_that_is_not_an_out_exits_2(tmp_path):
 
 def test_summary_exits_5_while_a_run_holds_out(done):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from legitseg.lock import OutputLock;"
-        "from legitseg.shard import Shard;"
+        "import time; from pathlib import Path; from legitseg.output.lock import OutputLock;"
+        "from legitseg.output.shard import Shard;"
         f"OutputLock(Path({str(done)!r}), Shard(0, 2)).acquire(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from legitseg.pipeline.decode import prepare
-from legitseg.pipeline.geometry import blend_window, tile_boxes, tile_starts
+from legitseg.images.decode import prepare
+from legitseg.images.geometry import blend_window, tile_boxes, tile_starts
 from tests import reference_modes as ref
 from tests.conftest import ModelKit
 from tests.modes_kit import decoded, legit_probs, photos, reference_modules, runners
@@ -121,8 +121,8 @@ def test_tiles_of_several_images_share_forward_calls_of_bounded_size(setup):
 
 
 def test_changing_tile_settings_changes_the_settings_digest(setup):
-    from legitseg.manifest import load_manifest
-    from legitseg.records import settings_digest
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.output.records import settings_digest
 
     _, manifest, _ = setup
     spec = load_manifest(manifest).models["gauss"]

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from legitseg.cli import app
 from legitseg.errors import ManifestError
-from legitseg.manifest import load_manifest
-from legitseg.pipeline.decode import prepare
-from legitseg.pipeline.modes import ModeRunner, invert_view, view_array
+from legitseg.images.decode import prepare
+from legitseg.inference.modes import ModeRunner, invert_view, view_array
+from legitseg.manifest.spec import load_manifest
 from tests import reference_modes as ref
 from tests.conftest import ModelKit
 from tests.modes_kit import decoded, legit_probs, photos, reference_modules, runners

@@ -61,8 +61,8 @@ def _cases(made: dict) -> list[str]:
 
 
 def test_make_freezes_inputs_expected_outputs_models_and_provenance(made):
-    from legitseg.manifest import load_manifest
-    from legitseg.records import settings_digest
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.output.records import settings_digest
 
     package = made["package"]
     data = json.loads((package / "package.json").read_text())
@@ -123,7 +123,7 @@ def _changed_weights(made: dict, tmp_path: Path) -> dict:
     """The seg weights re-saved with one tensor changed (its head bias), and the manifest's new sha256."""
     from safetensors.torch import load_file, save_file
 
-    from legitseg.weights import sha256_file
+    from legitseg.models.weights import sha256_file
 
     state = load_file(str(made["root"] / made["kit"].models["seg"]["weights"]))
     key = next(k for k in state if k.startswith("segmentation_head") and k.endswith("bias"))

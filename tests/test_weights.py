@@ -1,4 +1,4 @@
-"""sha256 pinning and safe reading of weights files (SPEC section 3, legitseg/weights.py)."""
+"""sha256 pinning and safe reading of weights files (SPEC section 3, legitseg/models/weights.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from legitseg.errors import EXIT_INTEGRITY, WeightsError
-from legitseg.weights import (
+from legitseg.models.weights import (
     clean_keys,
     hashed_file,
     load_strict,

@@ -108,8 +108,8 @@ def predict(loaded, image: np.ndarray):
 
 def predictions_in_process(root: Path = ROOT):
     """{model: {image name: mask or grade}} for every model of root/models.yaml."""
-    from legitseg.factory import load_model
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
 
     manifest = load_manifest(root / "models.yaml")
     images = example_images(root)
@@ -126,7 +126,7 @@ def predictions_in_process(root: Path = ROOT):
 
 def predictions_from_cli(out_dir: Path, root: Path = ROOT):
     """The same structure read from a `legitseg run` output folder."""
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
 
     manifest = load_manifest(root / "models.yaml")
     out: dict[str, dict] = {name: {} for name in manifest.models}

@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import demo_eval  # noqa: E402
 import synth  # noqa: E402
 
-from legitseg.factory import build_module  # noqa: E402
-from legitseg.manifest import ModelSpec  # noqa: E402
+from legitseg.manifest.spec import ModelSpec  # noqa: E402
+from legitseg.models.factory import build_module  # noqa: E402
 
 log = logging.getLogger("make_demo")
 

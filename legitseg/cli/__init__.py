@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from legitseg import __version__
+from legitseg._version import __version__
 from legitseg.cli import evaluate, misc, run, summary, verify
 from legitseg.cli.common import click_errors, exit_code_for, set_root_verbose
 from legitseg.cli.models import models_app

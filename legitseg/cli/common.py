@@ -151,7 +151,7 @@ def emit_table(title: str, columns: tuple[str, ...], rows: list[list[str]],
                styles: dict[str, str] | None = None) -> None:
     """A table on a terminal; tab-separated text (header row first) into a pipe or file,
     so that scripts and logs get plain rows, not box-drawing characters."""
-    from legitseg.describe import tsv
+    from legitseg.models.describe import tsv
 
     if sys.stdout.isatty():
         table = Table(title=title, title_justify="left")
@@ -172,7 +172,7 @@ def manifest_path(manifest: Path | None) -> Path:
 
 
 def load(manifest: Path | None):
-    from legitseg.manifest import load_manifest
+    from legitseg.manifest.spec import load_manifest
 
     return load_manifest(manifest_path(manifest))
 

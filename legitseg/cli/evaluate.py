@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from legitseg.cli.common import handles_errors, log, setup_logging, split
-from legitseg.describe import tsv
 from legitseg.errors import EXIT_IMAGES_FAILED
+from legitseg.models.describe import tsv
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")]
 
@@ -104,8 +104,8 @@ def evaluate(
     ground-truth files, or predictions with mixed settings; 4 when the results cannot be
     written; 6 when a model with ground truth has nothing scored (or OUT holds no images).
     """
-    from legitseg.evaluate import evaluate as run_evaluation
-    from legitseg.evaluate_output import check_destination, write_evaluation
+    from legitseg.evaluate.output import check_destination, write_evaluation
+    from legitseg.evaluate.scoring import evaluate as run_evaluation
 
     setup_logging(quiet)
     dest = dest or out / "evaluation"

@@ -64,7 +64,7 @@ def info(
     table.add_row("lock", lock_state)
     Console().print(table)
     if encoders:
-        from legitseg._smp_names import ENCODERS
+        from legitseg.manifest.smp_names import ENCODERS
 
         typer.echo("\n".join(ENCODERS) + "\n(plus tu-<any timm model name>)")
 

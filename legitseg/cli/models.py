@@ -18,7 +18,8 @@ from legitseg.cli.common import (
     setup_logging,
     split,
 )
-from legitseg.describe import (
+from legitseg.errors import EXIT_INTEGRITY, UsageError
+from legitseg.models.describe import (
     CHECK_COLUMNS,
     LIST_COLUMNS,
     check_record,
@@ -26,7 +27,6 @@ from legitseg.describe import (
     list_row,
     model_record,
 )
-from legitseg.errors import EXIT_INTEGRITY, UsageError
 
 models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and verify the models of a manifest.")
 
@@ -61,7 +61,7 @@ def models_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Hash, build, strictly load and run a dummy forward for each model; exit 3 if any fails."""
-    from legitseg.check import check_model
+    from legitseg.models.check import check_model
 
     setup_logging()
     m = load(manifest)
@@ -84,7 +84,7 @@ def models_check(
 @handles_errors
 def models_hash(file: Annotated[Path, typer.Argument(help="Weights file or smp save_pretrained folder")]) -> None:
     """Print the sha256 to pin in models.yaml (for a folder: of its model.safetensors)."""
-    from legitseg.weights import hashed_file, sha256_file
+    from legitseg.models.weights import hashed_file, sha256_file
 
     target = hashed_file(file)
     try:
@@ -102,6 +102,6 @@ def models_convert(
     key: Annotated[str | None, typer.Option("--key", help="Entry holding the state_dict [default: found]")] = None,
 ) -> None:
     """Extract a checkpoint's state_dict into a safetensors file and print its sha256 to pin."""
-    from legitseg.convert import convert_checkpoint
+    from legitseg.models.convert import convert_checkpoint
 
     typer.echo(f"{convert_checkpoint(src, dst, key)}  {dst}")

@@ -141,8 +141,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
          shard=None, engine="local", address=None, overlay=False, tta=None) -> int:
     """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
     from legitseg.api import run as run_api
+    from legitseg.output.writers import ImageOutcome
     from legitseg.run import Planned, Skipped, Started
-    from legitseg.writers import ImageOutcome
 
     stdout = sys.stdout
     progress: _Progress | None = None

@@ -18,7 +18,7 @@ from legitseg.errors import (
     LegitsegError,
     UsageError,
 )
-from legitseg.tolerances import Tolerances
+from legitseg.verify.tolerances import Tolerances
 
 _DEFAULT = Tolerances()
 
@@ -74,7 +74,7 @@ def verify(
 
 
 def _make(package, images, m, models, out, device, backend, tolerances, stop) -> int:
-    from legitseg.verify import make_package
+    from legitseg.verify.cases import make_package
 
     if not images:
         raise UsageError("--make needs IMAGES: the image files or folders to freeze as cases")
@@ -98,7 +98,7 @@ def _digest(value: str | None) -> str | None:
 
 
 def _verify(package, m, out, device, backend, expect_digest, stop) -> int:
-    from legitseg.verify import verify_package
+    from legitseg.verify.cases import verify_package
 
     result = verify_package(package, m, out=out, device=device, backend=backend, stop=stop,
                             expect_digest=expect_digest)

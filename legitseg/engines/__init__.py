@@ -1,0 +1,1 @@
+"""Sources -> ImageResults: the local streaming engine and the Ray Data engine."""

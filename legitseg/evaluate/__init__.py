@@ -1,0 +1,1 @@
+"""Scoring OUT against ground truth, and writing the evaluation."""

@@ -1,0 +1,1 @@
+"""INPUT -> Sources with stable names -> checked, decoded and prepared pixels."""

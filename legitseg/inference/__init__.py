@@ -1,0 +1,1 @@
+"""Runners (one per backend), the accuracy modes around them, postprocessing."""

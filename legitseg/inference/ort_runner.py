@@ -1,0 +1,167 @@
+"""The ONNX Runtime backend (CPU, fp32) and the parity gate that decides whether it is used.
+
+`OrtRunner` is a sibling of `TorchRunner`: both hold a `Preprocessor` and differ only in
+`forward`. A model runs under ONNX Runtime only after its probabilities agree with
+torch's on seeded probe batches (`gate`); `legitseg run` and `legitseg export` call the
+same gate. docs/onnx.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from legitseg.errors import UsageError
+from legitseg.images.decoded import Prep
+from legitseg.inference.ort_import import onnxruntime as import_ort
+from legitseg.inference.runners import Preprocessor, Runner, parity, prep_for
+from legitseg.models.onnx_export import INPUT, OUTPUT, CachedGraph, ExportFailed, cached_onnx
+
+if TYPE_CHECKING:
+    from legitseg.models.factory import LoadedModel
+
+log = logging.getLogger(__name__)
+THREADS_ENV = "LEGITSEG_ORT_THREADS"
+
+
+# -- threads ------------------------------------------------------------------------------
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity where the OS reports it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ort_threads() -> int:
+    """ONNX Runtime intra-op threads: $LEGITSEG_ORT_THREADS, else every core this process may use.
+
+    Decode and writer threads spend most of their time in GIL-free OpenCV and
+    numpy calls, between forward passes; on 2 cores a whole run went 1.5x faster
+    with two intra-op threads than with one (docs/onnx.md). Raises UsageError.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return available_cores()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise UsageError(f"${THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
+    return threads
+
+
+# -- sessions and the runner ---------------------------------------------------------------
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (Fail, InvalidGraph, ...): they derive from Exception only."""
+    state = import_ort().capi.onnxruntime_pybind11_state
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def make_session(data: bytes, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session for a serialized graph; `threads` defaults to `ort_threads()`."""
+    ort = import_ort()
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or ort_threads()
+    options.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning: in a run, decode and writer
+    # threads need those cycles between forward passes.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's own warnings go to stderr, not our log
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def ort_session(loaded: LoadedModel, threads: int | None = None) -> Any:
+    """A session for `loaded` through the cache (for benchmarks; runs use `gate`).
+
+    Raises ExportFailed. Does not run the parity gate.
+    """
+    return make_session(cached_onnx(loaded).data, threads)
+
+
+@dataclass
+class OrtRunner:
+    """Forward passes of one model through an ONNX Runtime session on the CPU (contiguous NCHW)."""
+
+    loaded: LoadedModel
+    session: Any
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    parity: float | None = None
+    image_errors: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.device.type != "cpu":
+            raise UsageError(f"{self.name}: the onnxruntime backend runs on the CPU only, not {self.device}")
+        if self.precision != "fp32":
+            raise UsageError(f"{self.name}: the onnxruntime backend runs in fp32 only, not {self.precision}")
+        self.pre = Preprocessor.for_model(self.loaded, self.device, channels_last=False)
+        self.prep: Prep = prep_for(self.loaded)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.spec.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (y,) = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        return torch.from_numpy(y)
+
+    def logits(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        return self.pre.run(self.forward, arrays)
+
+
+@dataclass
+class GateResult:
+    """What the gate decided for one model; `runner` is the one to use."""
+
+    runner: Runner
+    parity: float | None
+    reason: str | None  # why torch is used instead, or None
+    graph: CachedGraph | None = None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int | None = None) -> GateResult:
+    """Export (or reuse) the model's graph and compare it with `reference` (a CPU fp32 torch runner).
+
+    Returns an OrtRunner when the probabilities agree within `tolerance`, else the
+    reference runner with the reason, which is also logged as a warning. Never raises
+    for a model that cannot be exported or does not match: torch is always the fallback.
+    Raises UsageError for a bad $LEGITSEG_ORT_THREADS.
+    """
+    name = loaded.spec.name
+    threads = threads or ort_threads()
+    graph: CachedGraph | None = None
+    try:
+        graph = cached_onnx(loaded)
+        runner = OrtRunner(loaded, make_session(graph.data, threads))
+        figure = parity(reference, runner)
+    except ExportFailed as err:
+        return _fallback(reference, None, f"{err}")
+    except (RuntimeError, ValueError, *ort_errors()) as err:
+        return _fallback(reference, None, f"model {name!r}: ONNX Runtime cannot run the exported graph: "
+                                          f"{_first_line(err)}", graph)
+    if figure > tolerance:
+        return _fallback(reference, figure, f"model {name!r}: ONNX Runtime probabilities differ from torch by "
+                                            f"{figure:.3g} > parity tolerance {tolerance:g}", graph)
+    runner.parity = figure
+    log.info("%s: onnxruntime backend, %d thread(s), parity %.2g (tolerance %g)", name, threads, figure, tolerance)
+    return GateResult(runner, figure, None, graph)
+
+
+def _fallback(reference: Runner, figure: float | None, reason: str, graph: CachedGraph | None = None) -> GateResult:
+    log.warning("%s; using the torch backend for this model", reason)
+    return GateResult(reference, figure, reason, graph)

@@ -1,0 +1,1 @@
+"""models.yaml -> validated, typed specs (no torch)."""

@@ -1,0 +1,1 @@
+"""Spec -> nn.Module with sha256-verified weights; checks, conversion, the ONNX export cache."""

@@ -1,0 +1,280 @@
+"""The record format, defined once: what a model produced for an image, and the per-image record.
+
+`ModelOutput` is what the engine hands to a sink (logits, a finished result, or
+an error with its kind). `ModelEntry` and `ImageRecord` are the JSON written to
+`OUT/records/<name>.json` with their round trip (`to_json` / `from_json`) and
+their table rows (`rows`). Resume decisions (`ImageRecord.done_for`) read the
+same types, so the writer and the reader can never disagree on a key.
+
+Pure data: no torch, no file layout (that is `writers.Sink`'s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from legitseg.fsio import dumps
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from legitseg.manifest.spec import ModelSpec
+
+# Version of the output format. 1: records without settings digests (legitseg 0.1.0
+# before the wave-2 layout); 2: every entry carries the digest of its model settings.
+FORMAT_VERSION = 2
+CSV_FIELDS = (
+    "image", "model", "status", "error", "mask", "probability_map",
+    "area_fraction", "components", "score", "grade", "probabilities", "backend",
+    "run_id", "computed",
+)
+_ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
+# Error kinds. A failure of one of these kinds repeats on the same bytes with the same
+# model; a rerun skips such an image unless asked to retry (`--retry-failed`).
+DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
+# Manifest fields that do not change what a model computes.
+_NOT_SETTINGS = {"name", "weights", "sha256", "backend", "parity_tolerance", "colors"}
+
+
+class RecordError(ValueError):
+    """A record file that is not a legitseg record."""
+
+
+@dataclass
+class SegmentationResult:
+    mask: np.ndarray  # (H, W) uint8, or uint16 above 255 classes
+    probabilities: np.ndarray | None  # (C, H, W) float16 when kept
+    area_fraction: dict[str, float]
+    components: dict[str, int]
+
+
+@dataclass
+class SeverityResult:
+    probabilities: list[float]
+    grade: int
+    score: float
+
+
+@dataclass
+class ModelOutput:
+    """One model's output for one image, on its way from the engine to a sink.
+
+    Exactly one of `logits` (not yet postprocessed), `result` or `error` is set.
+    `error_kind` says what failed: image (read/decode), forward, oom, postprocess.
+    """
+
+    logits: Any = None
+    result: SegmentationResult | SeverityResult | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+    @classmethod
+    def failed(cls, error: str, kind: str) -> ModelOutput:
+        return cls(error=error, error_kind=kind)
+
+
+def settings_fields(spec: ModelSpec, *, exclude_defaults: bool = True) -> dict[str, Any]:
+    """The model settings that shape its outputs (not its name, weights path or backend)."""
+    return spec.model_dump(mode="json", exclude_defaults=exclude_defaults, exclude=_NOT_SETTINGS)
+
+
+def settings_digest(spec: ModelSpec) -> str:
+    """sha256 of `settings_fields(spec)` and the output format version.
+
+    Fields left at their default are not part of it, so a new manifest field with a
+    default does not invalidate earlier results; the format version is.
+    """
+    payload = {"format": FORMAT_VERSION, "spec": settings_fields(spec)}
+    return hashlib.sha256(dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ModelEntry:
+    """One model's part of a record."""
+
+    task: str
+    weights_sha256: str
+    status: str  # ok | failed
+    settings: str | None = None  # settings_digest; None in format-1 records
+    # The run that computed this entry; None in records written before entries named it
+    # (the record's own run_id, its last writer, then stands in: `producer`).
+    run_id: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    backend: str | None = None
+    parity: float | None = None
+    mask: str | None = None
+    probability_map: str | None = None
+    area_fraction: dict[str, float] | None = None
+    components: dict[str, int] | None = None
+    score: float | None = None
+    grade: int | None = None
+    probabilities: list[float] | None = None
+    overlay: str | None = None  # OUT-relative JPEG, written with `run --overlay`
+    # Label -> "#rrggbb" the overlay was drawn with: a later `colors:` change must not
+    # relabel an overlay drawn before it. None without an overlay, and in older records.
+    overlay_colors: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of newer versions, kept as read
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task, "weights_sha256": self.weights_sha256}
+        if self.settings is not None:
+            out["settings"] = self.settings
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
+        out["status"] = self.status
+        if not self.ok:
+            out["error"] = self.error
+            if self.error_kind is not None:
+                out["error_kind"] = self.error_kind
+        else:
+            out["backend"] = self.backend
+            out["parity"] = self.parity
+        for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities",
+                    "overlay", "overlay_colors"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelEntry:
+        if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+            raise RecordError("model entry without a task")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("weights_sha256", "")
+        values.setdefault("status", "failed")
+        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+
+    def matches(self, spec: ModelSpec, digest: str, legacy: bool) -> bool:
+        """Same weights and same settings (format-1 records carry no settings: weights only)."""
+        if self.weights_sha256 != spec.sha256:
+            return False
+        return self.settings == digest or (legacy and self.settings is None)
+
+
+@dataclass
+class ImageRecord:
+    """Everything about one image in OUT: the unit of completion."""
+
+    image: str  # the input path as given, printable
+    name: str  # output name under OUT
+    sha256: str | None
+    size: list[int] | None
+    status: str
+    error: str | None
+    models: dict[str, ModelEntry]
+    legitseg: str
+    run_id: str | None
+    written_at: str | None
+    source: str | None = None  # absolute path of the input (how a later run recognises it)
+    format: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "image": self.image, "name": self.name, "sha256": self.sha256, "size": self.size,
+            "status": self.status, "error": self.error,
+            "models": {k: e.to_json() for k, e in self.models.items()},
+            "legitseg": self.legitseg, "run_id": self.run_id, "written_at": self.written_at,
+        }
+        if self.source is not None:
+            out["source"] = self.source
+        out["format"] = self.format
+        out.update(self.extra)
+        return out
+
+    def to_bytes(self) -> bytes:
+        return (dumps(self.to_json(), indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: Any) -> ImageRecord:
+        """Raises RecordError for anything that is not a record."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            raise RecordError("not a legitseg record (no 'models' object)")
+        if not isinstance(data.get("image"), str) or not isinstance(data.get("name"), str):
+            raise RecordError("not a legitseg record (no 'image' or 'name')")
+        known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "models")}
+        values = {k: data.get(k) for k in known if k in data}
+        values.setdefault("legitseg", "")
+        values.setdefault("status", "failed")
+        for k in ("sha256", "size", "error", "run_id", "written_at"):
+            values.setdefault(k, None)
+        models = {str(k): ModelEntry.from_json(v) for k, v in data["models"].items()}
+        extra = {k: v for k, v in data.items() if k not in known and k != "models"}
+        return cls(**values, models=models, extra=extra)
+
+    def producer(self, model: str) -> str | None:
+        """The run that computed `model`'s entry: the entry's own run_id, else (records written
+        before entries carried one) the run that last wrote the record."""
+        entry = self.models.get(model)
+        return entry.run_id if entry is not None and entry.run_id is not None else self.run_id
+
+    def rows(self, selected: set[str] | None = None, current_run: str | None = None) -> list[dict[str, Any]]:
+        """One row per (image, model), in the record's model order; `selected` filters models.
+
+        `run_id` is the run that computed the entry (`producer`); `computed` says whether that is
+        `current_run` (false: the row was carried over, skipped as already done).
+        """
+        rows = []
+        for model, entry in self.models.items():
+            if selected is not None and model not in selected:
+                continue
+            data = entry.to_json()
+            row = {"image": self.image, "model": model, "status": entry.status}
+            for key in _ENTRY_ROW_FIELDS:
+                if data.get(key) is not None:
+                    row[key] = data[key]
+            run_id = self.producer(model)
+            if run_id is not None:
+                row["run_id"] = run_id
+            row["computed"] = current_run is not None and run_id == current_run
+            rows.append(row)
+        return rows
+
+    def done_for(self, specs: list[ModelSpec], sha256: str, retry_failed: bool, overlay: bool = False) -> bool:
+        """True when a rerun may skip this image for `specs`: same bytes, same weights and
+        settings, and every model ok or failed in a way that would repeat; with `overlay`,
+        every ok model also has its overlay."""
+        if self.sha256 != sha256:
+            return False
+        legacy = self.format < 2
+        for spec in specs:
+            entry = self.models.get(spec.name)
+            if entry is None or not entry.matches(spec, settings_digest(spec), legacy):
+                return False
+            if not entry.ok and (retry_failed or entry.error_kind not in DETERMINISTIC_ERRORS):
+                return False
+            if overlay and entry.ok and entry.overlay is None:
+                return False
+        return True
+
+
+@dataclass
+class ImageResult:
+    """One image through the engine: where it came from and each model's output.
+
+    `error` is set when the image itself failed (read, decode); `outputs` then
+    holds a failed ModelOutput per model.
+    """
+
+    image: str  # input path as given, printable
+    name: str  # output name under OUT
+    source: str  # absolute input path
+    sha256: str | None
+    size: tuple[int, int] | None
+    outputs: dict[str, ModelOutput]
+    error: str | None = None
+    rgb: np.ndarray | None = None  # the oriented photograph, kept only when overlays are asked for

@@ -1,0 +1,1 @@
+"""Verification packages: freezing a run's outputs as cases, checking later runs."""
