@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 # so it is set before anything imports smp.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-__version__ = "0.1.0"
-
-from legitseg.errors import (  # noqa: E402 - after the environment is set; no torch here
+from legitseg._version import __version__  # noqa: E402 - after the environment is set; no torch here
+from legitseg.errors import (  # noqa: E402
     LegitsegError,
     ManifestError,
     NoImages,
