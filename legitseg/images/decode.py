@@ -14,9 +14,7 @@ import re
 import stat
 import threading
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -25,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from legitseg.errors import ImageError
 from legitseg.fsio import sha256_bytes  # noqa: F401 - re-exported for the readers of images
 from legitseg.images.containers import heif_header, jpeg_end, png_end
+from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.geometry import letterbox_size
 from legitseg.images.sources import Source
 
@@ -40,27 +39,6 @@ INTERPOLATION = {
     "cubic": cv2.INTER_CUBIC,
     "nearest": cv2.INTER_NEAREST,
 }
-
-
-@dataclass(frozen=True)
-class Prep:
-    """How one model wants its input: all models sharing a Prep share one resized array."""
-
-    resize: str  # stretch | pad | letterbox | tile
-    size: tuple[int, int] | None  # (h, w) for stretch and letterbox
-    interpolation: str
-    channels: int
-
-
-@dataclass
-class DecodedImage:
-    source: Source
-    sha256: str
-    size: tuple[int, int]  # oriented (h, w)
-    inputs: dict[Prep, Any] = field(default_factory=dict)  # HWC uint8 array (or CHW device tensor) per Prep
-    # A JPEG left for the GPU to decode (images/device_decode.py): its bytes and EXIF orientation.
-    encoded: Any = None
-    orientation: int = 1
 
 
 def _kind(mode: int) -> str:
