@@ -6,7 +6,7 @@
             -> writers.Sink (in legitseg.run)       masks, records, as with the local engine
 
 Decoding is `pipeline.decode.load_image`; the actors build their runners with
-`factory.load_model` + `pipeline.runners.build_runner` (the backend the driver resolved)
+`factory.load_model` + `registry.build_runner` (the backend the driver resolved)
 and run the local engine's own batch and postprocessing code on each batch, so masks
 and scores are those of the local engine. Planning (resume), naming, the lock and all
 writes stay on the driver: the cluster only computes.
