@@ -1,6 +1,6 @@
 """Which memory layout of a model runs fastest on this GPU: chosen on the first batch, then remembered.
 
-Only layouts are chosen by timing (`infer.variants`: channels_last or contiguous). Both
+Only layouts are chosen by timing (`precision.variants`: channels_last or contiguous). Both
 compute the same function, so which one wins (it depends on the architecture, the batch
 and the card: docs/benchmarks.md) changes the speed, not the answer. Half weights
 instead of autocast change the arithmetic, so they are never chosen here: a model asks
@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -31,17 +31,37 @@ from legitseg.inference.activation import activation
 from legitseg.inference.precision import LAYOUTS, VARIANT_TOLERANCE, variants
 
 if TYPE_CHECKING:
-    from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.inference.runners import Preprocessor
+    from legitseg.models.factory import LoadedModel
 
 log = logging.getLogger(__name__)
 WARMUP, TIMED = 2, 3
+
+
+class Tunable(Protocol):
+    """What tuning needs of a runner (torch_runner.TorchRunner, which calls `tune`)."""
+
+    loaded: LoadedModel
+    device: torch.device
+    precision: str
+    variant: str
+    layout: str
+    half: torch.dtype | None
+    pre: Preprocessor
+
+    @property
+    def name(self) -> str: ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def use_variant(self, variant: str) -> None: ...
 
 
 def cache_file() -> Path:
     return cache_root() / "layouts.json"
 
 
-def cache_key(runner: TorchRunner, shape: tuple[int, ...]) -> str:
+def cache_key(runner: Tunable, shape: tuple[int, ...]) -> str:
     device = runner.device
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fields = [card, torch.__version__, runner.loaded.spec.sha256, runner.precision, list(shape),
@@ -71,7 +91,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(runner: TorchRunner, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _time(runner: Tunable, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Seconds per forward pass of `x` with the runner's current variant, and its output."""
     for _ in range(WARMUP):
         y = runner.forward(x)
@@ -83,7 +103,7 @@ def _time(runner: TorchRunner, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     return (time.perf_counter() - t0) / TIMED, y
 
 
-def tune(runner: TorchRunner, arrays: list) -> None:
+def tune(runner: Tunable, arrays: list) -> None:
     """Set `runner` to its fastest variant for batches like `arrays` (cached, else measured now).
 
     Raises torch.OutOfMemoryError when even the default variant does not fit this batch
@@ -96,13 +116,13 @@ def tune(runner: TorchRunner, arrays: list) -> None:
     cached = _read_cache().get(key)
     if cached in variants(runner.precision):
         if cached != default:
-            runner._use(cached)
+            runner.use_variant(cached)
         log.info("%s: %s (measured earlier on this machine)", runner.name, cached)
         return
     timings: dict[str, float] = {}
     reference = None
     for variant in variants(runner.precision):
-        runner._use(variant)
+        runner.use_variant(variant)
         oom = False
         try:
             seconds, y = _time(runner, x0.contiguous(memory_format=LAYOUTS[variant]))
@@ -111,7 +131,7 @@ def tune(runner: TorchRunner, arrays: list) -> None:
                 raise
             oom = True  # handled below, once the traceback is released
         if oom:
-            runner._use(default)
+            runner.use_variant(default)
             torch.cuda.empty_cache()
             if variant == default:
                 raise torch.OutOfMemoryError(f"{runner.name}: out of memory on {runner.device} "
@@ -132,7 +152,7 @@ def tune(runner: TorchRunner, arrays: list) -> None:
         timings[variant] = seconds
     best = min(timings, key=timings.__getitem__) if timings else default
     if best != runner.layout:
-        runner._use(best)
+        runner.use_variant(best)
     log.info("%s: %s, the fastest of %s", runner.name, best,
              ", ".join(f"{v} {1000 * t:.1f} ms" for v, t in timings.items()))
     _write_cache(key, best)

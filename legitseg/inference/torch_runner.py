@@ -19,14 +19,13 @@ import torch
 
 from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.images.decoded import Prep
+from legitseg.inference.precision import LAYOUTS, PRECISIONS
 from legitseg.inference.runners import Preprocessor, prep_for
 
 if TYPE_CHECKING:
     from legitseg.models.factory import LoadedModel
 
 log = logging.getLogger(__name__)
-# Autocast dtype per --precision; tf32 is fp32 storage with TensorFloat-32 matmuls and convolutions.
-PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def choose_device(requested: str) -> torch.device:
@@ -113,21 +112,6 @@ def math_mode(precision: str) -> Iterator[None]:
                 obj.allow_tf32 = value
 
 
-# How a model runs on a GPU. Only the memory layout is chosen by timing (`layout_tuning.tune`):
-# both layouts compute the same function, so the choice cannot change what a user gets. Casting
-# the weights to the half type instead of autocast does change the arithmetic: a model asks for
-# it by name (manifest `half_weights: true`, part of its settings digest), never a stopwatch.
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-# Largest change in probabilities a layout may make against the default one (cuDNN picks other
-# kernels for each, whose sums round differently); a layout beyond it is not used.
-VARIANT_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
-
-
-def variants(precision: str) -> list[str]:
-    """The layouts timing may choose between, the default (channels_last) first."""
-    return list(LAYOUTS)
-
-
 def half_weights(loaded: LoadedModel, precision: str) -> torch.dtype | None:
     """The half type a model's weights are cast to: its manifest asks (`half_weights`) and the run is fp16/bf16."""
     return PRECISIONS[precision] if getattr(loaded.spec, "half_weights", False) else None
@@ -153,11 +137,11 @@ class TorchRunner:
 
     def __post_init__(self) -> None:
         self.prep: Prep = prep_for(self.loaded)
-        self._use("channels_last" if self.channels_last else "contiguous")
+        self.use_variant("channels_last" if self.channels_last else "contiguous")
         self.tuned = not (self.device.type == "cuda" if self.tune_layout is None else self.tune_layout)
 
-    def _use(self, variant: str) -> None:
-        """Module copy and input layout for one variant (a key of LAYOUTS); the weight type is the model's."""
+    def use_variant(self, variant: str) -> None:
+        """Module copy and input layout for one variant (a key of `precision.LAYOUTS`); the weight type is the model's."""
         fmt = LAYOUTS[variant]
         module = copy.deepcopy(self.loaded.module).to(self.device, memory_format=fmt)
         self.half = half_weights(self.loaded, self.precision)
