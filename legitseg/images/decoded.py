@@ -5,9 +5,10 @@ shares (the decoders, the runners, the engines), apart from the OpenCV decoder i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from legitseg.images.sources import Source
+if TYPE_CHECKING:
+    from legitseg.images.sources import Source
 
 
 @dataclass(frozen=True)

@@ -7,35 +7,20 @@ for, the float16 probabilities) come back to the host.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from legitseg.manifest.spec import ModelSpec
+from legitseg.inference.activation import activation, activation_
 from legitseg.output.records import SegmentationResult, SeverityResult
 
+if TYPE_CHECKING:
+    from legitseg.manifest.spec import ModelSpec
+
 __all__ = ["SegmentationResult", "SeverityResult", "activation", "count_components", "segmentation", "severity"]
-
-
-def activation(logits: torch.Tensor, spec: ModelSpec, dim: int = 1) -> torch.Tensor:
-    """The activation legitseg applies (SPEC 4.3, 4.4); classes along `dim`.
-
-    Segmentation: sigmoid for one class, else softmax. Severity: softmax(logits / temperature).
-    The parity gate and the postprocessing below both use this one definition.
-    """
-    if spec.task == "severity":
-        return torch.softmax(logits / spec.temperature, dim=dim)
-    return torch.sigmoid(logits) if spec.classes == 1 else torch.softmax(logits, dim=dim)
-
-
-def activation_(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """`activation` of one segmentation output (C, H, W), in place."""
-    if spec.classes == 1:
-        return logits.sigmoid_()
-    logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=0, keepdim=True))
 
 
 def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
