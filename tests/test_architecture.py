@@ -1,41 +1,36 @@
-"""The shape of the package (docs/architecture.md): layers, module size, one record format.
+"""The shape of the package (docs/architecture.md): folders are the layers, imports run one
+way, no circles, few floors, small modules, one record format.
 
-Read from the source with `ast`, so the checks cost nothing and cannot be fooled by
-lazy imports: an import inside a function counts like one at the top.
+Read from the source with `ast`, so the checks cost nothing and cannot be fooled by lazy
+imports: an import inside a function counts like one at the top. Layers come from the
+folders, so a new module needs no edit here; a new folder needs a place in ORDER.
+
+`python -m tests.test_architecture` prints every module's layer and floor and the longest chain.
 """
 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 from tests.conftest import REPO
 
 PACKAGE = REPO / "legitseg"
 
-# Lowest first. A module may import modules of its own layer or below, never above.
-# (Within a layer, the modules are siblings: the backends, say.)
-LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["legitseg", "legitseg.errors", "legitseg.fsio", "legitseg.manifest.smp_names", "legitseg.inference.ort_import"]),
-    ("data", ["legitseg.output.records", "legitseg.verify.tolerances", "legitseg.output.shard", "legitseg.manifest.safe_yaml", "legitseg.manifest.colours", "legitseg.manifest.modes", "legitseg.manifest.spec", "legitseg.provenance",
-              "legitseg.output.lock"]),
-    ("models", ["legitseg.models.weights", "legitseg.models.factory", "legitseg.models.convert", "legitseg.models.describe",
-                "legitseg.models.check", "legitseg.models.onnx_export"]),
-    ("input", ["legitseg.pipeline", "legitseg.images.naming", "legitseg.images.containers",
-               "legitseg.images.sources", "legitseg.images.decode", "legitseg.images.device_decode", "legitseg.images.pixels",
-               "legitseg.images.geometry"]),
-    ("compute", ["legitseg.inference.postprocess", "legitseg.inference.runners", "legitseg.inference.torch_runner",
-                 "legitseg.inference.ort_runner", "legitseg.inference.modes", "legitseg.pipeline.tta",
-                 "legitseg.pipeline.letterbox", "legitseg.pipeline.tiling", "legitseg.engines.transfer", "legitseg.inference.layout_tuning",
-                 "legitseg.engines.profile"]),
-    ("output", ["legitseg.output.writers", "legitseg.output.overlay"]),
-    ("engines", ["legitseg.engines.local", "legitseg.engines.ray_data"]),
-    ("jobs", ["legitseg.run", "legitseg.options", "legitseg.export", "legitseg.evaluate.scoring", "legitseg.evaluate.truth", "legitseg.evaluate.output",
-              "legitseg.report", "legitseg.bom", "legitseg.summary", "legitseg.verify.cases",
-              "legitseg.verify.compare", "legitseg.verify.package", "legitseg.verify.schema", "legitseg.images.inputs"]),
-    ("api", ["legitseg.api"]),
-    ("cli", ["legitseg.cli", "legitseg.cli.*", "legitseg.__main__"]),
-]
+# The layers, lowest first: a module may import its own layer or a lower one, never a higher one.
+# A name is a folder of legitseg/, or one of the two groups of top-level modules:
+#   LEAVES - the top-level modules everything may import (the version, errors, files, versions);
+#   TOP    - every other top-level module: the jobs and the API (run, api, options, summary, ...).
+# output/ sits below images/ and the compute layers: the sink takes typed results and knows
+# nothing of decoding or torch. verify/ sits above TOP because freezing a package runs a run.
+# The package itself (legitseg/__init__.py, the public API) and __main__ are the CLI's layer.
+LEAVES = {"legitseg._version", "legitseg.errors", "legitseg.fsio", "legitseg.provenance"}
+ORDER = ["LEAVES", "manifest", "output", "images", "models", "inference", "engines", "evaluate", "TOP",
+         "verify", "cli"]
+MAX_FLOORS = 12
+MAX_LINES = 400
+MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
 def module_name(path: Path) -> str:
@@ -45,68 +40,175 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def layer_of(name: str) -> int | None:
-    for i, (_, names) in enumerate(LAYERS):
-        for pattern in names:
-            if name == pattern or (pattern.endswith(".*") and name.startswith(pattern[:-1])):
-                return i
-    return None
+NAMES = {module_name(p): p for p in MODULES}
 
 
-def legitseg_imports(path: Path) -> set[str]:
-    """Every legitseg module imported anywhere in the file (top level or inside functions)."""
-    found = set()
-    me = module_name(path)
-    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+def layer_of(name: str) -> int:
+    parts = name.split(".")
+    if name in ("legitseg", "legitseg.__main__"):
+        return ORDER.index("cli")
+    if (PACKAGE / parts[1]).is_dir():
+        return ORDER.index(parts[1])  # ValueError: a new folder has no place in ORDER yet
+    return ORDER.index("LEAVES" if name in LEAVES else "TOP")
+
+
+def folder_of(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else ""
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _target(base: str, alias: str) -> str:
+    """`from base import alias`: the module alias if it is one, else base."""
+    sub = f"{base}.{alias}"
+    return sub if sub in NAMES else base
+
+
+@cache
+def imports(name: str) -> dict[str, bool]:
+    """Every legitseg module `name` imports (top level or in a function) -> whether only for type hints."""
+    path = NAMES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: dict[str, bool] = {}
+
+    def add(target: str, type_only: bool) -> None:
+        if target.startswith("legitseg") and target != name:
+            found[target] = found.get(target, True) and type_only
+
+    def visit(node: ast.AST, type_only: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, type_only)
+            return
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("legitseg"))
+            for a in node.names:
+                add(a.name, type_only)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            if base.startswith("legitseg"):
-                for alias in node.names:
-                    sub = f"{base}.{alias.name}"
-                    found.add(sub if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists()
-                              or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else base)
-    return found - {me}
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            for a in node.names:
+                add(_target(base, a.name), type_only)
+        for child in ast.iter_child_nodes(node):
+            visit(child, type_only)
+
+    visit(ast.parse(path.read_text()), False)
+    return found
 
 
-MODULES = sorted(PACKAGE.rglob("*.py"))
+def runtime_imports(name: str) -> set[str]:
+    return {t for t, type_only in imports(name).items() if not type_only}
 
 
-def test_every_module_has_a_layer():
-    missing = [module_name(p) for p in MODULES if layer_of(module_name(p)) is None]
-    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+def test_every_folder_is_a_layer():
+    folders = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    missing = [f for f in folders if f not in ORDER]
+    assert not missing, f"give these folders a place in ORDER ({__file__}): {missing}"
 
 
-def test_no_module_imports_a_higher_layer():
+def test_folders_are_packages_with_thin_inits():
+    """Importing one module of a folder must not import its siblings (cli/ is the Typer app)."""
+    assert not [p for p in PACKAGE.iterdir() if p.is_dir() and list(p.glob("*.py")) and not (p / "__init__.py").exists()]
+    heavy = {module_name(p): sorted(imports(module_name(p))) for p in PACKAGE.glob("*/__init__.py")
+             if p.parent.name != "cli" and imports(module_name(p))}
+    assert not heavy, heavy
+
+
+def test_no_import_runs_back_up():
+    """Type hints included: a module that names a higher layer's type depends on it."""
     upward = []
-    for path in MODULES:
-        me = module_name(path)
-        if me == "legitseg":
-            continue  # the root holds the version for every layer and re-exports the API lazily (PEP 562)
+    for me in NAMES:
         mine = layer_of(me)
-        for target in sorted(legitseg_imports(path)):
-            theirs = layer_of(target)
-            if mine is not None and theirs is not None and theirs > mine:
-                upward.append(f"{me} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
+        for target in sorted(imports(me)):
+            if layer_of(target) > mine:
+                upward.append(f"{me} ({ORDER[mine]}) imports {target} ({ORDER[layer_of(target)]})")
     assert not upward, "\n".join(upward)
 
 
-def test_writers_do_not_import_the_pipeline():
-    assert not {m for m in legitseg_imports(PACKAGE / "writers.py") if m.startswith("legitseg.pipeline")}
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_no_import_circles():
+    """None at run time; at most one through type hints, inside one folder."""
+    runtime = {m: runtime_imports(m) for m in NAMES}
+    assert not _cycles(runtime), f"import circles: {_cycles(runtime)}"
+    typed = _cycles({m: set(imports(m)) for m in NAMES})
+    assert all(len({folder_of(m) for m in group}) == 1 for group in typed), f"type-only circles across folders: {typed}"
+    assert len(typed) <= 1, f"type-only circles: {typed}"
+
+
+_FLOORS: dict[str, int] = {}
+
+
+def floor(name: str, _path: tuple[str, ...] = ()) -> int:
+    """1 for a module importing no legitseg module, else one more than the highest it imports."""
+    if name in _path:
+        raise AssertionError(f"import circle: {' -> '.join(_path[_path.index(name):] + (name,))}")
+    if name not in _FLOORS:
+        _FLOORS[name] = 1 + max((floor(t, (*_path, name)) for t in runtime_imports(name)), default=0)
+    return _FLOORS[name]
+
+
+def longest_chain() -> list[str]:
+    chain = [max(NAMES, key=floor)]
+    while below := runtime_imports(chain[-1]):
+        chain.append(max(sorted(below), key=floor))
+    return chain
+
+
+def test_few_floors():
+    """Floors: the longest path in the import graph (every import that runs, lazy ones too;
+    not those under TYPE_CHECKING), counted in modules."""
+    chain = longest_chain()
+    assert len(chain) == floor(chain[0])
+    assert len(chain) <= MAX_FLOORS, f"{len(chain)} floors: {' -> '.join(chain)}"
 
 
 def test_no_module_is_over_400_lines():
-    big = {module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > 400}
+    big = {module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"split these by concept: {big}"
 
 
 RECORD_ONLY_KEYS = {"area_fraction", "probability_map", "components", "error_kind", "overlay"}
-# Readers still to move to the typed records (removed from this set as they move).
-PENDING: set[str] = set()
 
 
 def record_keys_spelled(path: Path) -> set[str]:
@@ -128,5 +230,13 @@ def record_keys_spelled(path: Path) -> set[str]:
 def test_the_record_format_is_defined_in_one_module():
     """Record fields are read and written through legitseg.output.records' types, never by string key elsewhere."""
     elsewhere = {module_name(p): keys for p in MODULES
-                 if p.name != "records.py" and module_name(p) not in PENDING and (keys := record_keys_spelled(p))}
-    assert not elsewhere, f"record keys spelled outside records.py: {elsewhere}"
+                 if module_name(p) != "legitseg.output.records" and (keys := record_keys_spelled(p))}
+    assert not elsewhere, f"record keys spelled outside output/records.py: {elsewhere}"
+
+
+if __name__ == "__main__":
+    for layer, group in enumerate(ORDER):
+        members = sorted((n for n in NAMES if layer_of(n) == layer), key=lambda n: (floor(n), n))
+        print(f"{layer:2} {group:9} " + ", ".join(f"{n.removeprefix('legitseg.')}:{floor(n)}" for n in members))
+    chain = longest_chain()
+    print(f"{len(chain)} floors (modules on the longest import path): {' -> '.join(chain)}")
