@@ -33,8 +33,7 @@ from legitseg.images.decode import check_header, decode_rgb, read_bytes, sha256_
 from legitseg.images.sources import OUT_MARKER
 from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.output.records import ImageRecord, ModelEntry
-from legitseg.output.writers import RECORDS, atomic_write, scan_records
-from legitseg.run import RUNS
+from legitseg.output.writers import RECORDS, RUNS, atomic_write, scan_records
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,10 @@ from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are us
 from legitseg.output.lock import OutputLock
 from legitseg.output.records import ImageRecord
 from legitseg.output.shard import check_layout, claim_layout
-from legitseg.output.writers import RECORDS, ImageOutcome, read_record, rebuild_summaries
+from legitseg.output.writers import RECORDS, RUNS, ImageOutcome, read_record, rebuild_summaries
 
 log = logging.getLogger(__name__)
 
-RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 MAX_LISTED = 1000  # skipped files named in the run file; more are counted
 
 

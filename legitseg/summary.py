@@ -19,8 +19,14 @@ from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.images.sources import OUT_MARKER
 from legitseg.output.lock import OutputLock
 from legitseg.output.records import ImageRecord
-from legitseg.output.writers import MASKS, PROBABILITIES, RECORDS, rebuild_summaries, scan_records
-from legitseg.run import RUNS
+from legitseg.output.writers import (
+    MASKS,
+    PROBABILITIES,
+    RECORDS,
+    RUNS,
+    rebuild_summaries,
+    scan_records,
+)
 
 log = logging.getLogger(__name__)
 RECENT_RUNS = 5  # runs listed in the text form; --json lists them all

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from legitseg.images import device_decode
-from legitseg.images.device_decode import out_of_memory
+from legitseg.images.device_memory import out_of_memory
 from tests.images import picture, save
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from legitseg.errors import ImageError, RuntimeFailure
 from legitseg.images import device_decode as device_decode_module
 from legitseg.images.decode import load_image
 from legitseg.images.decoded import DecodedImage, Prep
-from legitseg.images.device_decode import free_memory, out_of_memory
+from legitseg.images.device_memory import free_memory, out_of_memory
 from legitseg.images.naming import source_key
 from legitseg.images.pixels import PixelSource
 from legitseg.images.sources import Source
@@ -134,7 +134,7 @@ class Engine(device_decode_module.DeviceInputs):
     def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
         """Logits per item (on the device). Same-shape inputs share a batch.
 
-        A batch that runs out of memory (`device_decode.out_of_memory`: torch's error, cuBLAS or
+        A batch that runs out of memory (`device_memory.out_of_memory`: torch's error, cuBLAS or
         cuDNN failing to allocate) is dropped entirely (no reference to it survives the
         retry) and the cache emptied; it is tried once more, then in halves; the size that
         fits is kept for the rest of the run. Only an image that does not fit alone fails.

@@ -25,6 +25,7 @@ from legitseg.fsio import sha256_bytes  # noqa: F401 - re-exported for the reade
 from legitseg.images.containers import heif_header, jpeg_end, png_end
 from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.geometry import letterbox_size
+from legitseg.images.jpeg_plan import plan
 from legitseg.images.sources import Source
 
 log = logging.getLogger(__name__)
@@ -236,16 +237,15 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
     """Read, hash, check, decode and prepare one image. Raises ImageError.
 
     `defer_jpeg`: a JPEG the GPU decodes is read, hashed and checked only; its bytes come
-    back in `encoded` for a batched decode on the device (images/device_decode.py).
+    back in `encoded` for a batched decode on the device (images/device_decode.py; the
+    planning step, `jpeg_plan.plan`, reads only the header).
     """
     data = read_bytes(source.path)
     digest = sha256_bytes(data)
     try:
         fmt = check_header(data, max_pixels)
         if defer_jpeg:
-            from legitseg.images import device_decode
-
-            planned = device_decode.plan(data, fmt)
+            planned = plan(data, fmt)
             if planned is not None:
                 import torch
 

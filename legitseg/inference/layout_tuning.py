@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from legitseg.fsio import atomic_write, cache_root
-from legitseg.images.device_decode import out_of_memory
+from legitseg.images.device_memory import out_of_memory
 from legitseg.inference.activation import activation
 from legitseg.inference.precision import LAYOUTS, VARIANT_TOLERANCE, variants
 

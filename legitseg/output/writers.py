@@ -49,6 +49,7 @@ RECORDS = "records"
 MASKS = "masks"
 PROBABILITIES = "probabilities"
 OVERLAYS = "overlays"
+RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 
 
 # -- layout -------------------------------------------------------------------------------
