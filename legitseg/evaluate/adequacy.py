@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from legitseg.evaluate.scoring import ModelEvaluation
     from legitseg.output.records import ImageRecord
 
 
@@ -20,8 +19,10 @@ def adequacy_of(records: list[ImageRecord]) -> dict[str, bool]:
     return out
 
 
-def by_adequacy(m: ModelEvaluation, adequacy: dict[str, bool]) -> dict[str, Any]:
-    """Per group (adequate, inadequate, not measured): images scored and the headline measures
+def by_adequacy(m: Any, adequacy: dict[str, bool]) -> dict[str, Any]:
+    """`m` is a scoring.ModelEvaluation (not named here: scoring imports this module).
+
+    Per group (adequate, inadequate, not measured): images scored and the headline measures
     (segmentation: mean Dice and IoU over images; severity: MAE and exact-grade share)."""
     groups: dict[str, dict[str, Any]] = {}
 
