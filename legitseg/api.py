@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeAlias
 
 from legitseg._version import __version__
-from legitseg.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_SIGINT, LegitsegError, UsageError
+from legitseg.errors import (
+    EXIT_IMAGES_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    LegitsegError,
+    NoAdequateImage,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +61,7 @@ class ModelResult:
     `area_fraction` and `components` per non-background label, and `probabilities`
     (C, H, W) float16 when asked for. Severity: `probabilities` (list of floats, one per
     class), `grade` and `score`. A failed model has `status` "failed", `error`, `error_kind`.
+    A model the quality policy did not run (`on_inadequate: skip`) has `status` "inadequate".
     """
 
     model: str
@@ -97,6 +105,9 @@ class Prediction:
     error: str | None = None
     error_kind: str | None = None
     legitseg: str = __version__
+    # With a `quality:` policy in the manifest: the measures and the verdict (legitseg.manifest.quality.Quality:
+    # `adequate`, `reasons` each with value and limit, `measures`); None without one.
+    quality: Any = None
 
     @property
     def ok(self) -> bool:
@@ -147,7 +158,7 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
         stdin: IO[bytes] | None = None, stop: threading.Event | None = None,
         on_event: Callable[[Any], None] | None = None, runners: list | None = None,
         shard: str | None = None, engine: str = "local", address: str | None = None,
-        overlay: bool = False, tta: bool | None = None) -> RunSummary:
+        overlay: bool = False, tta: bool | None = None, require_adequate: bool = False) -> RunSummary:
     """Do what `legitseg run INPUTS -o OUT` does, with the same options, and return its summary.
 
     `inputs` are paths: files, folders, or "-" to read paths from `stdin` (bytes).
@@ -159,7 +170,9 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     model's manifest `tta` (False: none; True: the manifest's, or hflip where it names none).
     A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
     ManifestError or WeightsError (exit 3, before anything is read or written),
-    RuntimeFailure (4), OutputLocked (5), NoImages (6).
+    RuntimeFailure (4), OutputLocked (5), NoImages (6). With `require_adequate` (or the manifest's
+    `quality: {require_adequate: true}`) a completed run that judged no image adequate raises
+    NoAdequateImage (8) once everything is written (docs/quality.md).
     """
     from legitseg.output.shard import Shard
     from legitseg.run import Finished, RunConfig, execute
@@ -167,6 +180,8 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     part = Shard.parse(shard) if shard is not None else None  # a usage error before the manifest's
     m = _manifest(manifest)
     specs = m.select(_names(models))
+    if require_adequate and m.quality is None:
+        raise UsageError(f"--require-adequate needs a quality: section in {m.path} (docs/quality.md)")
     paths = [os.fsdecode(inputs)] if isinstance(inputs, str | bytes | os.PathLike) else [os.fsdecode(p) for p in inputs]
     cfg = RunConfig(inputs=paths, out=Path(out), manifest=m, models=specs, device=device,
                     batch_size=batch_size, workers=workers, precision=precision, backend=backend,
@@ -182,6 +197,10 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
             if isinstance(event, Finished):
                 finished = event
     assert finished is not None  # execute() always ends with Finished unless it raised
+    if (finished.adequate == 0 and finished.status == "completed" and m.quality is not None
+            and (require_adequate or m.quality.require_adequate)):
+        raise NoAdequateImage(f"{cfg.out}: no adequate image among {finished.processed + finished.skipped} "
+                              "(the reasons are in scores.jsonl and the records' quality blocks)")
     return RunSummary(finished.status, finished.processed, finished.skipped, finished.failed,
                       finished.skipped_failed, finished.run_id, finished.run_json, cfg.out)
 
@@ -271,7 +290,7 @@ class Predictor:
         stop = threading.Event()
         engine = Engine(self.runners, batch_size=self.batch_size, workers=self.workers,
                         post_threads=self.writers, save_probabilities=probabilities,
-                        max_pixels=self.max_pixels, stop=stop)
+                        max_pixels=self.max_pixels, stop=stop, quality=self.manifest.quality)
         results = engine.process(sources())
         # No math mode is held across the yield: each forward pass switches TF32 for itself
         # (TorchRunner.forward), so two predict() generators of different precisions interleave safely.
@@ -316,16 +335,20 @@ class Predictor:
     def _prediction(self, result: ImageResult, kind: str) -> Prediction:
         results = {name: self._model_result(name, output) for name, output in result.outputs.items()}
         error, error_kind = result.error, "image" if result.error else None
-        failed = [(n, r) for n, r in results.items() if not r.ok]
+        failed = [(n, r) for n, r in results.items() if r.status == "failed"]
         if error is None and failed:
             error = "; ".join(f"{n}: {r.error}" for n, r in failed)
             error_kind = failed[0][1].error_kind
-        return Prediction(result.image, result.name, kind, result.sha256, result.size, results, error, error_kind)
+        return Prediction(result.image, result.name, kind, result.sha256, result.size, results, error, error_kind,
+                          quality=result.quality)
 
     def _model_result(self, name: str, output: ModelOutput) -> ModelResult:
         from legitseg.output.records import SegmentationResult
 
         info = self._infos[name]
+        if output.error_kind == "inadequate":
+            return ModelResult(name, info["task"], "inadequate", info["weights_sha256"], info["settings"],
+                               info["backend"], info["parity"], error=output.error, error_kind=output.error_kind)
         if output.error is not None or output.result is None:
             return ModelResult(name, info["task"], "failed", info["weights_sha256"], info["settings"],
                                info["backend"], info["parity"], error=output.error or "no result",

@@ -79,3 +79,12 @@ class NothingToScore(LegitsegError):
     """Nothing to score or process: evaluate found ground truth but scored no pair (exit 6)."""
 
     exit_code = EXIT_NO_IMAGES
+
+
+EXIT_NO_ADEQUATE = 8  # --require-adequate (or the quality policy's require_adequate) and no adequate image
+
+
+class NoAdequateImage(LegitsegError):
+    """The run asked for at least one adequate image (docs/quality.md) and got none (exit 8)."""
+
+    exit_code = EXIT_NO_ADEQUATE

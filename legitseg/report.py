@@ -34,6 +34,7 @@ from legitseg.images.sources import OUT_MARKER
 from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.output.records import ImageRecord, ModelEntry
 from legitseg.output.writers import RECORDS, RUNS, atomic_write, scan_records
+from legitseg.report_quality import inadequate_items
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def model_summaries(records: list[ImageRecord], models: list[str], styles: dict[
         entries = [e for r in records if (e := r.models.get(model)) is not None]
         ok = [e for e in entries if e.ok]
         task = next((e.task for e in entries if e.task), "?")
-        s: dict[str, Any] = {"name": model, "task": task, "ok": len(ok), "failed": len(entries) - len(ok),
+        s: dict[str, Any] = {"name": model, "task": task, "ok": len(ok), "failed": sum(e.status == "failed" for e in entries),
                              "absent": len(records) - len(entries), "labels": [], "grades": []}
         if task == "segmentation":
             labels: dict[str, list[float]] = {}
@@ -349,7 +350,7 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     cards, rows = [], []
     for i, r in enumerate(records):
         item = {
-            "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error,
+            "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error, "quality": r.quality,
             "results": [{"model": m, "text": _result_text(e), "run_id": r.producer(m),
                          "mask": _link(out.resolve() / e.mask, report_dir) if e.mask else None}
                         for m, e in r.models.items()],
@@ -369,7 +370,8 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
         "summaries": model_summaries(records, models, styles),
         "legend": legend(cards, {m: styles[m] for m in seg_models}),
         "cards": cards, "rows": rows, "images": len(records),
-        "failed": [item for item in cards + rows if item["status"] != "ok"],
+        "failed": [item for item in cards + rows if item["status"] not in ("ok", "inadequate")],
+        "inadequate": inadequate_items(cards + rows),
         "max_thumbnails": max_thumbnails,
     }
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legitseg.errors import ImageError, LegitsegError, NoImages
+from legitseg.errors import ImageError, LegitsegError, NoImages, UsageError
 from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
 from legitseg.images.decode import read_bytes
 from legitseg.images.naming import source_key
@@ -76,6 +76,7 @@ class Finished:
     run_json: Path
     run_id: str = ""
     skipped_failed: int = 0
+    adequate: int | None = None  # images judged adequate (done or skipped); None without a quality policy
 
 
 @dataclass
@@ -94,7 +95,8 @@ def new_run_id(started_at: float) -> str:
 
 
 def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: bool,
-         workers: int, retry_failed: bool = False, overlay: bool = False) -> tuple[list[Source], list[ImageRecord]]:
+         workers: int, retry_failed: bool = False, overlay: bool = False,
+         quality=None) -> tuple[list[Source], list[ImageRecord]]:
     """Split sources into (to process, skipped records). Hashes only images that have a record.
 
     Skipped: same bytes, weights and settings, and done, or failed in a way that would
@@ -107,9 +109,15 @@ def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: b
         if record is None:
             return source, None
         try:
-            digest = sha256_bytes(read_bytes(source.path))
+            data = read_bytes(source.path)
         except ImageError:
             return source, None
+        digest = sha256_bytes(data)
+        if quality is not None or record.quality is not None:  # a changed limit: the verdict, not the models
+            from legitseg.images.quality_resume import resumed
+
+            return source, resumed(out, record, data, quality,
+                                   lambda r: r.done_for(models, digest, retry_failed, overlay))
         return source, record if record.done_for(models, digest, retry_failed, overlay) else None
 
     todo, skipped = [], []
@@ -143,6 +151,9 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
         log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
         check_layout(cfg.out, cfg.shard)  # exit 2 now, before models are built, for another N
     if cfg.engine == "ray":
+        if cfg.manifest.quality is not None:
+            raise UsageError("the manifest's quality: policy is measured by the local engine only; "
+                             "run without --engine ray or remove quality:")
         from legitseg.engines.ray_data import require_ray
 
         require_ray()
@@ -191,7 +202,7 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
     settings = _Settings(batch_size=cfg.batch_size, writers=cfg.writers,
                          workers=cfg.workers if cfg.workers is not None else default_workers(device_type))
     todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed,
-                         cfg.overlay)
+                         cfg.overlay, cfg.manifest.quality)
     runners: list = []
     if todo and not stop.is_set():
         if cfg.runners:
@@ -228,7 +239,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     run_id = new_run_id(started_at)
-    skipped_failed = sum(not r.ok for r in skipped)
+    skipped_failed = sum(r.failed for r in skipped)
+    adequate = sum(_adequate(r) for r in skipped)
     counts = {"processed": 0, "skipped": len(skipped), "failed": 0, "skipped_failed": skipped_failed}
     status = "failed"
     try:
@@ -240,12 +252,17 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
             yield Started(settings.device or "", {r.name: r.backend for r in runners})
             for outcome in _stream(cfg, runners, settings, todo, stop, run_id):
                 counts["processed" if outcome.ok else "failed"] += 1
+                adequate += _adequate(outcome.record)
                 yield outcome
         status = "interrupted" if stop.is_set() else "completed"
     finally:
         run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id, found)
     yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json, run_id,
-                   skipped_failed)
+                   skipped_failed, adequate if cfg.manifest.quality is not None else None)
+
+
+def _adequate(record: ImageRecord) -> bool:
+    return not record.failed and record.quality is not None and record.quality.get("adequate") is True
 
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
@@ -267,7 +284,7 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     else:
         from legitseg.engines.local import Engine
 
-        engine = Engine(runners, keep_rgb=cfg.overlay, **options)
+        engine = Engine(runners, keep_rgb=cfg.overlay, quality=cfg.manifest.quality, **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
     # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
     sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),

@@ -48,6 +48,9 @@ class ModelSummary:
     grades: dict[int, int] = field(default_factory=dict)
 
     def add(self, entry) -> None:
+        if entry.status == "inadequate":  # not run: the quality policy skipped the image
+            self.failed_by_kind["inadequate (not run)"] = self.failed_by_kind.get("inadequate (not run)", 0) + 1
+            return
         if not entry.ok:
             self.failed += 1
             kind = entry.error_kind or "unknown"
@@ -139,14 +142,32 @@ def summary(out: Path) -> dict[str, Any]:
         "out": str(out),
         "images": len(records),
         "images_ok": sum(r.ok for r in records),
-        "images_failed": sum(not r.ok for r in records),
+        "images_failed": sum(r.failed for r in records),
         "models": {name: m.to_json() for name, m in summarise_records(records).items()},
         "unreadable_records": scan.unreadable,
         "runs": runs,
         "unreadable_runs": bad_runs,
         "files": files,
         "scores_rebuilt": rebuilt,
+        **quality_counts(records),
     }
+
+
+def quality_counts(records: list[ImageRecord]) -> dict[str, Any]:
+    """{"quality": adequate / inadequate / not measured, inadequate images by reason}, only when a
+    record has a verdict (docs/quality.md); {} otherwise, so summaries without a policy stay as they were."""
+    judged = [r.quality for r in records if isinstance(r.quality, dict)]
+    if not judged:
+        return {}
+    reasons: dict[str, int] = {}
+    for q in judged:
+        for name in dict.fromkeys(x.get("reason") for x in q.get("reasons") or [] if isinstance(x, dict)):
+            reasons[str(name)] = reasons.get(str(name), 0) + 1
+    return {"quality": {"adequate": sum(q.get("adequate") is True for q in judged),
+                        "inadequate": sum(q.get("adequate") is False for q in judged),
+                        "not_measured": len(records) - len(judged),
+                        "skipped": sum(r.status == "inadequate" for r in records),
+                        "by_reason": dict(sorted(reasons.items()))}}
 
 
 def _read_only(err: RuntimeFailure) -> bool:
@@ -179,6 +200,10 @@ def render(data: dict[str, Any]) -> list[str]:
                          f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
         if "grades" in m:
             lines.append("  grades: " + ", ".join(f"{g}: {n}" for g, n in m["grades"].items()))
+    if "quality" in data:
+        q = data["quality"]
+        lines.append(f"quality: {q['adequate']} adequate, {q['inadequate']} inadequate ({q['skipped']} not run), "
+                     f"{q['not_measured']} not measured" + "".join(f"; {k} {n}" for k, n in q["by_reason"].items()))
     runs = data["runs"]
     lines.append(f"runs: {len(runs)} under {Path(data['out']) / RUNS}"
                  + (f", unreadable: {len(data['unreadable_runs'])}" if data["unreadable_runs"] else ""))

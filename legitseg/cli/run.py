@@ -114,6 +114,7 @@ def run(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo images that failed before and would fail the same way (unchanged file, same model)")] = False,
     require_images: Annotated[bool, typer.Option("--require-images", help="Exit 6 when an INPUT folder holds no images (an unmounted share)")] = False,
+    require_adequate: Annotated[bool, typer.Option("--require-adequate", help="Exit 8 when the manifest's quality: policy judged no image adequate (docs/quality.md)")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0)")] = False,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: --tta turns on each model's manifest `tta` (flips where it has none), --no-tta turns it off [default: the manifest's]")] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = 100_000_000,
@@ -132,13 +133,14 @@ def run(
     code = _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
                 save_probabilities, overwrite, max_pixels, jsonl, quiet,
                 retry_failed=retry_failed, require_images=require_images, null=null,
-                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
+                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta,
+                require_adequate=require_adequate)
     raise typer.Exit(code)
 
 
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
-         shard=None, engine="local", address=None, overlay=False, tta=None) -> int:
+         shard=None, engine="local", address=None, overlay=False, tta=None, require_adequate=False) -> int:
     """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
     from legitseg.api import run as run_api
     from legitseg.output.writers import ImageOutcome
@@ -174,7 +176,8 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                 save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                 retry_failed=retry_failed, require_images=require_images, null=null,
                 stdin=_binary_stdin() if "-" in inputs else None, stop=signals.stop, on_event=show,
-                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta)
+                shard=shard, engine=engine, address=address, overlay=overlay, tta=tta,
+                require_adequate=require_adequate)
         finally:
             if progress is not None:
                 progress.close()

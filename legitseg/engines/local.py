@@ -54,15 +54,20 @@ class Engine(device_decode_module.DeviceInputs):
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
                  save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False,
-                 batched_post: bool | None = None, device_decode: bool | None = None):
+                 batched_post: bool | None = None, device_decode: bool | None = None, quality=None):
         self.runners = runners
+        # The `quality:` policy (manifest.quality.QualityPolicy): measured on the decoded photograph
+        # in the decode worker (images/quality.py), so the photograph must be on the host.
+        self.quality = quality
+        self.measure_only = quality is not None and not keep_rgb  # PHOTO is dropped once measured
         self.batch_size = max(1, batch_size)
         self.workers = workers
         self.post_threads = max(1, post_threads)
         self.save_probabilities = save_probabilities
         self.max_pixels = max_pixels
         self.stop = stop
-        self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb else [])))
+        self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb or quality else [])))
+        self.measure_only = self.measure_only and PHOTO not in [r.prep for r in runners]
         self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
         # Largest batch known to fit, per model, once a batch ran out of memory.
         self.batch_limit: dict[str, int] = {}
@@ -82,7 +87,7 @@ class Engine(device_decode_module.DeviceInputs):
         if device_decode is None:
             from legitseg.inference.torch_runner import TorchRunner
 
-            device_decode = (device.type == "cuda" and not keep_rgb and device_decode_module.enabled()
+            device_decode = (device.type == "cuda" and not keep_rgb and quality is None and device_decode_module.enabled()
                              and device_decode_module.supports(self.preps)
                              and all(type(r) is TorchRunner for r in runners))
         self.device_decode = device_decode  # decode workers leave these JPEGs encoded
@@ -94,8 +99,16 @@ class Engine(device_decode_module.DeviceInputs):
     def _decode(self, source: Source) -> DecodedImage | ImageError:
         try:
             if isinstance(source, PixelSource):  # pixels given in memory (the Python API)
-                return source.load(self.preps, self.max_pixels)
-            return load_image(source, self.preps, self.max_pixels, defer_jpeg=self.device_decode)
+                item = source.load(self.preps, self.max_pixels)
+            else:
+                item = load_image(source, self.preps, self.max_pixels, defer_jpeg=self.device_decode)
+            if self.quality is not None:
+                from legitseg.images.quality import assess
+
+                item.quality = assess(item.inputs[PHOTO], self.quality)
+                if self.measure_only:
+                    del item.inputs[PHOTO]
+            return item
         except ImageError as err:
             return err
         except Exception as err:  # noqa: BLE001 - one image must never stop the run
@@ -258,7 +271,16 @@ class Engine(device_decode_module.DeviceInputs):
         done = {r.name: self._postprocess(r, outputs[r.name], item) for r in self.runners}
         source = item.source
         return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done,
-                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None)
+                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None, quality=item.quality)
+
+    def _inadequate(self, item: DecodedImage) -> ImageResult:
+        """An image the quality policy skips: no model runs; recorded with its verdict, never as failed."""
+        reasons = ", ".join(item.quality.reason_names)
+        outputs = {r.name: ModelOutput.failed(f"not run: inadequate input ({reasons})", "inadequate")
+                   for r in self.runners}
+        source = item.source
+        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, outputs,
+                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None, quality=item.quality)
 
     def _failed(self, source: Source, err: ImageError) -> ImageResult:
         message = str(err)
@@ -314,6 +336,8 @@ class Engine(device_decode_module.DeviceInputs):
             for source, decoded in self._decoded(sources):
                 if isinstance(decoded, ImageError):
                     batch.append(self._failed(source, decoded))
+                elif decoded.quality is not None and decoded.quality.skipped:
+                    batch.append(self._inadequate(decoded))
                 else:
                     batch.append(decoded)
                     waiting += 1

@@ -67,6 +67,10 @@ def to_json(ev: Evaluation) -> dict[str, Any]:
             entry.update(m.severity(), grades=[
                 {"image": i, "true_grade": t, "predicted_grade": p, "score": s}
                 for i, t, p, s in m.grades])
+        if ev.adequacy:  # only with a quality: policy, so evaluations without one stay as they were
+            from legitseg.evaluate.adequacy import by_adequacy
+
+            entry["by_adequacy"] = by_adequacy(m, ev.adequacy)
         models[name] = entry
     return _finite({
         "legitseg": __version__,

@@ -301,6 +301,7 @@ class Evaluation:
     truth: Path
     models: dict[str, ModelEvaluation]
     images: int
+    adequacy: dict[str, bool] = field(default_factory=dict)  # image -> verdict of a quality: policy
 
     @property
     def problems(self) -> int:
@@ -377,7 +378,9 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
         raise UsageError(f"nothing to evaluate: {truth} has no folder named after a segmentation "
                          f"model ({', '.join(m for m, t in tasks.items() if t == 'segmentation') or 'none'}) "
                          f"and no severity CSV")
-    return Evaluation(out, truth, result, len(records))
+    from legitseg.evaluate.adequacy import adequacy_of
+
+    return Evaluation(out, truth, result, len(records), adequacy_of(records))
 
 
 def _severity_csv(truth: Path, model: str, explicit: Path | None) -> Path | None:

@@ -30,3 +30,4 @@ class DecodedImage:
     # A JPEG left for the GPU to decode (images/device_decode.py): its bytes and EXIF orientation.
     encoded: Any = None
     orientation: int = 1
+    quality: Any = None  # manifest.quality.Quality, with a `quality:` policy (images/quality.py)

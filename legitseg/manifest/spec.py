@@ -26,6 +26,7 @@ from pydantic import (
 from legitseg.errors import ManifestError, UsageError
 from legitseg.manifest.colours import check_colors, check_labels, parse_colors
 from legitseg.manifest.modes import check_ensemble, check_modes, check_tile_size, expand_tta
+from legitseg.manifest.quality import QualityPolicy
 from legitseg.manifest.safe_yaml import load_yaml, non_finite, short
 from legitseg.manifest.smp_names import ARCHITECTURES, ENCODERS
 
@@ -277,6 +278,7 @@ class Manifest(BaseModel):
 
     version: Literal[1]
     models: dict[str, ModelSpec]
+    quality: QualityPolicy | None = None  # input adequacy (docs/quality.md); None: not measured
     path: Path = Path("models.yaml")
     sha256: str = ""
 
@@ -326,10 +328,10 @@ def parse_manifest(text: str, path: Path) -> Manifest:
         raise ManifestError(f"{path}: expected a mapping with 'version' and 'models', got {type(raw).__name__}")
     # Checked here, not only by pydantic: 'path' and 'sha256' are Manifest fields that
     # legitseg fills in, so a top-level 'sha256:' in the file would otherwise be ignored.
-    unknown = [str(k) for k in raw if k not in ("version", "models")]
+    unknown = [str(k) for k in raw if k not in ("version", "models", "quality")]
     if unknown:
         raise ManifestError(
-            f"{path}: field {short(unknown[0])}: unknown field; valid top-level fields: version, models"
+            f"{path}: field {short(unknown[0])}: unknown field; valid top-level fields: version, models, quality"
         )
     _refuse_non_finite(path, raw)
     models = raw.get("models")

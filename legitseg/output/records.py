@@ -20,6 +20,7 @@ from legitseg.fsio import dumps
 if TYPE_CHECKING:
     import numpy as np
 
+    from legitseg.manifest.quality import Quality
     from legitseg.manifest.spec import ModelSpec
 
 # Version of the output format. 1: records without settings digests (legitseg 0.1.0
@@ -31,6 +32,9 @@ CSV_FIELDS = (
     "run_id", "computed",
 )
 _ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
+# Columns added to every row when the record has a `quality` block (a `quality:` policy ran):
+# scores.* of a run without one keep CSV_FIELDS only (docs/quality.md).
+QUALITY_FIELDS = ("adequate", "quality_reasons", "quality_measures")
 # Error kinds. A failure of one of these kinds repeats on the same bytes with the same
 # model; a rerun skips such an image unless asked to retry (`--retry-failed`).
 DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
@@ -177,11 +181,18 @@ class ImageRecord:
     written_at: str | None
     source: str | None = None  # absolute path of the input (how a later run recognises it)
     format: int = 1
+    # Input adequacy: measures and verdict (manifest.quality.Quality.to_json); only with a `quality:` policy.
+    quality: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def failed(self) -> bool:
+        """Something failed (an inadequate image whose models were skipped has not)."""
+        return self.status not in ("ok", "inadequate")
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -193,6 +204,8 @@ class ImageRecord:
         if self.source is not None:
             out["source"] = self.source
         out["format"] = self.format
+        if self.quality is not None:
+            out["quality"] = self.quality
         out.update(self.extra)
         return out
 
@@ -208,6 +221,8 @@ class ImageRecord:
             raise RecordError("not a legitseg record (no 'image' or 'name')")
         known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "models")}
         values = {k: data.get(k) for k in known if k in data}
+        if not isinstance(values.get("quality", {}), dict):
+            values.pop("quality")  # not a block this version wrote: the image is measured again
         values.setdefault("legitseg", "")
         values.setdefault("status", "failed")
         for k in ("sha256", "size", "error", "run_id", "written_at"):
@@ -241,6 +256,10 @@ class ImageRecord:
             if run_id is not None:
                 row["run_id"] = run_id
             row["computed"] = current_run is not None and run_id == current_run
+            if self.quality is not None:
+                row["adequate"] = self.quality.get("adequate")
+                row["quality_reasons"] = list(dict.fromkeys(r.get("reason") for r in self.quality.get("reasons") or []))
+                row["quality_measures"] = self.quality.get("measures")
             rows.append(row)
         return rows
 
@@ -255,7 +274,9 @@ class ImageRecord:
             entry = self.models.get(spec.name)
             if entry is None or not entry.matches(spec, settings_digest(spec), legacy):
                 return False
-            if not entry.ok and (retry_failed or entry.error_kind not in DETERMINISTIC_ERRORS):
+            # "inadequate": skipped by the quality policy; run.py's plan judged the record again first.
+            if not entry.ok and entry.status != "inadequate" and (
+                    retry_failed or entry.error_kind not in DETERMINISTIC_ERRORS):
                 return False
             if overlay and entry.ok and entry.overlay is None:
                 return False
@@ -278,3 +299,4 @@ class ImageResult:
     outputs: dict[str, ModelOutput]
     error: str | None = None
     rgb: np.ndarray | None = None  # the oriented photograph, kept only when overlays are asked for
+    quality: Quality | None = None  # measures and verdict, with a `quality:` policy

@@ -35,6 +35,7 @@ from legitseg.output.overlay import Style, encode_jpeg, segmentation_overlay, se
 from legitseg.output.records import (
     CSV_FIELDS,
     FORMAT_VERSION,
+    QUALITY_FIELDS,
     ImageRecord,
     ImageResult,
     ModelEntry,
@@ -144,9 +145,11 @@ def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
 def _rebuild_summaries(out: Path, current_run: str | None) -> RecordScan:
     jsonl = io.StringIO()
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
     scan = scan_records(out)
+    # Quality columns only where a `quality:` policy ran, so scores.csv without one stays as it was.
+    fields = CSV_FIELDS + QUALITY_FIELDS if any(r.quality is not None for r in scan.records) else CSV_FIELDS
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
     for record in scan.records:
         for row in record.rows(current_run=current_run):
             jsonl.write(dumps(row, ensure_ascii=False) + "\n")
@@ -178,7 +181,8 @@ class ImageOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.record.ok
+        """Nothing failed (an image the quality policy skipped counts as done, not failed)."""
+        return not self.record.failed
 
 
 class Sink:
@@ -225,6 +229,9 @@ class Sink:
 
     def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb=None) -> ModelEntry:
         base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings, run_id=self.run_id)
+        if output.error_kind == "inadequate":  # the quality policy skipped the models: not a failure
+            self._drop_overlay(info.name, name)
+            return ModelEntry(**base, status="inadequate", error=output.error)
         if output.error is not None or output.result is None:
             self._drop_overlay(info.name, name)
             return ModelEntry(**base, status="failed", error=output.error or "no result",
@@ -260,15 +267,17 @@ class Sink:
                     v.run_id = previous.producer(k)
                     models[k] = v
         models.update(entries)
-        failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok]
+        failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok and e.status != "inadequate"]
+        skipped = bool(entries) and all(e.status == "inadequate" for e in entries.values())
         record = ImageRecord(
             image=result.image, name=result.name, sha256=result.sha256,
             size=list(result.size) if result.size else None,
-            status="failed" if failed else "ok",
+            status="failed" if failed else "inadequate" if skipped else "ok",
             error=result.error or ("; ".join(failed) if failed else None),
             models=models, legitseg=__version__, run_id=self.run_id,
             written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             source=result.source, format=FORMAT_VERSION,
+            quality=result.quality.to_json() if result.quality is not None else None,
         )
         write_record(self.out, record)
         return ImageOutcome(record, record.rows(set(self.models), self.run_id))
