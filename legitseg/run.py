@@ -35,7 +35,7 @@ from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are us
     default_workers,
     default_writers,
 )
-from legitseg.output.lock import OutputLock
+from legitseg.output.lock import OutputLock, summary_lock
 from legitseg.output.records import ImageRecord
 from legitseg.output.resume import Resume
 from legitseg.output.shard import check_layout, claim_layout
@@ -295,7 +295,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     run_json = cfg.out / "run.json"
     try:
         if resume.exact:
-            write_summaries(cfg.out, resume.in_order(), run_id)
+            with summary_lock(cfg.out):  # uncontended here; taken so that every writer of scores.* takes it
+                write_summaries(cfg.out, resume.in_order(), run_id)
             unreadable = resume.unreadable_paths()
         else:
             unreadable = rebuild_summaries(cfg.out, run_id).unreadable
