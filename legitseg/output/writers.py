@@ -292,7 +292,10 @@ class Sink:
 
     def write(self, result: ImageResult) -> ImageOutcome:
         """Write one image's files and its record. Raises RuntimeFailure when OUT is not writable."""
-        return self._commit([self._stage(result)])[0]
+        try:
+            return self._commit([self._stage(result)])[0]
+        finally:
+            self.staging.close()
 
     @staticmethod
     def _take(queued: deque[Future]) -> list[_Staged]:
