@@ -1,4 +1,4 @@
-"""Low-level file IO shared by every writer: atomic writes, hashing, temp-file clean-up.
+"""Low-level file IO shared by every writer: atomic and staged writes, hashing, temp-file clean-up.
 
 The bottom layer: it imports nothing from legitseg but `errors`, so the ONNX
 export cache, the writers and the records can all use it without importing
