@@ -243,15 +243,9 @@ class Predictor:
         self.writers = default_writers(torch_device.type)
         self.max_pixels = max_pixels
         self.runners = build_runners(self.specs, torch_device, precision, backend)
-        self._infos = {r.name: self._info(r) for r in self.runners}
+        from legitseg.output.records import ModelInfo
 
-    @staticmethod
-    def _info(runner: Any) -> dict[str, Any]:
-        from legitseg.output.records import settings_digest
-
-        spec = runner.loaded.spec
-        return dict(task=spec.task, weights_sha256=spec.sha256, settings=settings_digest(spec),
-                    backend=runner.backend, parity=runner.parity)
+        self._infos = {r.name: ModelInfo.of(r) for r in self.runners}
 
     @property
     def models(self) -> list[str]:
@@ -343,24 +337,10 @@ class Predictor:
                           quality=result.quality)
 
     def _model_result(self, name: str, output: ModelOutput) -> ModelResult:
-        from legitseg.output.records import SegmentationResult
-
+        # The output's own mapping (records.ModelOutput.fields), the one the record entries use.
         info = self._infos[name]
-        if output.error_kind == "inadequate":
-            return ModelResult(name, info["task"], "inadequate", info["weights_sha256"], info["settings"],
-                               info["backend"], info["parity"], error=output.error, error_kind=output.error_kind)
-        if output.error is not None or output.result is None:
-            return ModelResult(name, info["task"], "failed", info["weights_sha256"], info["settings"],
-                               info["backend"], info["parity"], error=output.error or "no result",
-                               error_kind=output.error_kind)
-        value = output.result
-        res = ModelResult(name, info["task"], "ok", info["weights_sha256"], info["settings"], info["backend"],
-                          info["parity"], probabilities=value.probabilities)
-        if isinstance(value, SegmentationResult):
-            res.mask, res.area_fraction, res.components = value.mask, value.area_fraction, value.components
-        else:
-            res.grade, res.score = value.grade, value.score
-        return res
+        return ModelResult(name, info.task, weights_sha256=info.weights_sha256, settings=info.settings,
+                           backend=info.backend, parity=info.parity, **output.fields(arrays=True))
 
     def __repr__(self) -> str:
         return f"Predictor(models={self.models}, device={self.device!r}, precision={self.precision!r}, backends={self.backends})"

@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,8 @@ from typing import Any
 from legitseg.errors import ImageError, LegitsegError, NoImages, UsageError
 from legitseg.fsio import remove_stale_tmp, sha256_bytes, write_json
 from legitseg.images.decode import read_bytes
-from legitseg.images.naming import source_key
-from legitseg.images.sources import OUT_MARKER, Discovery, Source, discover_all
+from legitseg.images.naming import recorded_keys
+from legitseg.images.sources import OUT_MARKER, Discovery, Found, Source, find_all
 from legitseg.manifest.spec import ModelSpec
 from legitseg.models.weights import verify_sha256
 from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are used through legitseg.run too
@@ -35,10 +35,11 @@ from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are us
     default_workers,
     default_writers,
 )
-from legitseg.output.lock import OutputLock
+from legitseg.output.lock import OutputLock, summary_lock
 from legitseg.output.records import ImageRecord
+from legitseg.output.resume import Resume
 from legitseg.output.shard import check_layout, claim_layout
-from legitseg.output.writers import RECORDS, RUNS, ImageOutcome, read_record, rebuild_summaries
+from legitseg.output.writers import RECORDS, RUNS, ImageOutcome, rebuild_summaries, write_summaries
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,11 @@ def new_run_id(started_at: float) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(started_at))}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: bool,
-         workers: int, retry_failed: bool = False, overlay: bool = False,
+def plan(sources: list[Source], records: Mapping[str, ImageRecord], out: Path, models: list[ModelSpec],
+         overwrite: bool, workers: int, retry_failed: bool = False, overlay: bool = False,
          quality=None) -> tuple[list[Source], list[ImageRecord]]:
-    """Split sources into (to process, skipped records). Hashes only images that have a record.
+    """Split sources into (to process, skipped records). Hashes only images that have a record
+    (`records`: OUT's records by output name, as `Resume` read them).
 
     Skipped: same bytes, weights and settings, and done, or failed in a way that would
     repeat (unless `retry_failed`)."""
@@ -105,7 +107,7 @@ def plan(sources: list[Source], out: Path, models: list[ModelSpec], overwrite: b
         return list(sources), []
 
     def check(source: Source) -> tuple[Source, ImageRecord | None]:
-        record = read_record(out, source.name)
+        record = records.get(source.name)
         if record is None:
             return source, None
         try:
@@ -143,12 +145,9 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     for spec in cfg.models:
         for weights, sha256 in spec.weight_files:
             verify_sha256(weights, sha256, spec.name)
-    found = discover_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out, existing=_recorded_source(cfg.out))
-    _report_discovery(found, cfg.require_images)
+    paths = find_all(cfg.inputs, cfg.stdin, null=cfg.null, out=cfg.out)
+    _report_discovery(paths, cfg.require_images)
     if cfg.shard is not None:
-        total = len(found.sources)
-        found.sources = cfg.shard.select(found.sources)
-        log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
         check_layout(cfg.out, cfg.shard)  # exit 2 now, before models are built, for another N
     if cfg.engine == "ray":
         if cfg.manifest.quality is not None:
@@ -161,24 +160,20 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     try:
         if cfg.out.exists():
             lock.acquire()
-        yield from _execute_locked(cfg, stop, found, lock, started_at)
+        # OUT's records, read once (under the lock when OUT exists): names, skip decisions,
+        # previous entries and the summaries all come from this one reading.
+        resume = Resume.read(cfg.out, exact=lock.exclusive or not lock.held)
+        found = paths.named(recorded_keys(resume.records))
+        if cfg.shard is not None:
+            total = len(found.sources)
+            found.sources = cfg.shard.select(found.sources)
+            log.info("shard %s: %d of %d image(s)", cfg.shard, len(found.sources), total)
+        yield from _execute_locked(cfg, stop, found, resume, lock, started_at)
     finally:
         lock.release()
 
 
-def _recorded_source(out: Path):
-    """For naming: the source key OUT records under an output name (older records: their image path)."""
-
-    def existing(name: str) -> str | None:
-        record = read_record(out, name)
-        if record is None:
-            return None
-        return record.source or source_key(record.image)
-
-    return existing
-
-
-def _report_discovery(found: Discovery, require_images: bool) -> None:
+def _report_discovery(found: Found, require_images: bool) -> None:
     """Name every file passed over (one line per reason, then the paths) and every empty INPUT."""
     by_reason: dict[str, list[str]] = {}
     for path, reason in found.skipped:
@@ -188,21 +183,24 @@ def _report_discovery(found: Discovery, require_images: bool) -> None:
         log.info("skipped %d path(s): %s: %s", len(paths), reason, shown)
     for folder in found.empty_inputs:
         log.warning("INPUT %s holds no images", folder)
-    if require_images and (found.empty_inputs or not found.sources):
+    if require_images and (found.empty_inputs or not found.paths):
         what = ", ".join(found.empty_inputs) or "the INPUTs"
         raise NoImages(f"--require-images: no images found in {what}")
 
 
-def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, lock: OutputLock,
-                    started_at: float) -> Iterator[Any]:
+def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, resume: Resume,
+                    lock: OutputLock, started_at: float) -> Iterator[Any]:
     sources = found.sources
     # torch (and the device it finds) is imported only when there is work: a rerun with
     # nothing to do stays a matter of hashing files.
     device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     settings = _Settings(batch_size=cfg.batch_size, writers=cfg.writers,
                          workers=cfg.workers if cfg.workers is not None else default_workers(device_type))
-    todo, skipped = plan(sources, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2), cfg.retry_failed,
-                         cfg.overlay, cfg.manifest.quality)
+    todo, skipped = plan(sources, resume.records, cfg.out, cfg.models, cfg.overwrite, max(settings.workers, 2),
+                         cfg.retry_failed, cfg.overlay, cfg.manifest.quality)
+    for record in skipped:  # a verdict given again by the quality policy was rewritten by the plan
+        if record is not resume.records.get(record.name):
+            resume.wrote(record)
     runners: list = []
     if todo and not stop.is_set():
         if cfg.runners:
@@ -227,6 +225,8 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
             runners = build_runners(cfg.models, device, cfg.precision, cfg.backend)
     if not lock.held:
         lock.acquire()
+        # OUT did not exist when its records were read: another run may have written some since.
+        resume.exact = lock.exclusive and not (cfg.out / RECORDS).exists()
     if cfg.shard is not None:
         claim_layout(cfg.out, cfg.shard)  # the first shard records N; another N is refused (exit 2)
     (cfg.out / OUT_MARKER).touch()
@@ -250,13 +250,13 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
             yield Skipped(record, record.rows(selected, run_id))
         if runners and not stop.is_set():
             yield Started(settings.device or "", {r.name: r.backend for r in runners})
-            for outcome in _stream(cfg, runners, settings, todo, stop, run_id):
+            for outcome in _stream(cfg, runners, settings, todo, stop, run_id, resume):
                 counts["processed" if outcome.ok else "failed"] += 1
                 adequate += _adequate(outcome.record)
                 yield outcome
         status = "interrupted" if stop.is_set() else "completed"
     finally:
-        run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id, found)
+        run_json = _finish(cfg, status, counts, settings, runners, started_at, run_id, found, resume)
     yield Finished(status, counts["processed"], counts["skipped"], counts["failed"], run_json, run_id,
                    skipped_failed, adequate if cfg.manifest.quality is not None else None)
 
@@ -266,14 +266,13 @@ def _adequate(record: ImageRecord) -> bool:
 
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
-            stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
+            stop: threading.Event, run_id: str, resume: Resume) -> Iterator[ImageOutcome]:
     from legitseg.inference.torch_runner import math_mode
     from legitseg.output.overlay import Style
-    from legitseg.output.records import settings_digest
-    from legitseg.output.writers import ModelInfo, Sink
+    from legitseg.output.records import ModelInfo
+    from legitseg.output.writers import Sink
 
-    infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
-                       r.backend, r.parity) for r in runners]
+    infos = [ModelInfo.of(r) for r in runners]
     writers = settings.writers or 2
     options = dict(batch_size=settings.batch_size or 1, workers=settings.workers, post_threads=writers,
                    save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels, stop=stop)
@@ -288,7 +287,7 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
     # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
     sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),
-                overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None)
+                overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None, resume=resume)
     from legitseg.provenance import math_mode as effective_math
 
     with math_mode(cfg.precision):
@@ -297,9 +296,10 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
 
 
 def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Settings,
-            runners: list, started_at: float, run_id: str, found: Discovery) -> Path:
-    """Rebuild scores.* from the records, write this run's file under runs/ and run.json
-    (also after a failure, when possible)."""
+            runners: list, started_at: float, run_id: str, found: Discovery, resume: Resume) -> Path:
+    """Write scores.* from OUT's records as read at the start plus those this run wrote (from
+    disk again where other processes may have written: shards), this run's file under runs/
+    and run.json (also after a failure, when possible)."""
     from legitseg.output.overlay import Style
     from legitseg.provenance import command_line, environment, versions
 
@@ -314,7 +314,12 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
                               build_seconds=round(r.loaded.build_seconds, 3))
     run_json = cfg.out / "run.json"
     try:
-        scan = rebuild_summaries(cfg.out, run_id)
+        if resume.exact:
+            with summary_lock(cfg.out):  # uncontended here; taken so that every writer of scores.* takes it
+                write_summaries(cfg.out, resume.in_order(), run_id)
+            unreadable = resume.unreadable_paths()
+        else:
+            unreadable = rebuild_summaries(cfg.out, run_id).unreadable
         data = {
             "run_id": run_id,
             "status": status,
@@ -331,8 +336,8 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             "arguments": {**cfg.arguments(), "command": command_line()},
             "manifest": {"path": str(cfg.manifest.path.absolute()), "sha256": cfg.manifest.sha256},
             "models": models,
-            "counts": {**counts, "unreadable_records": len(scan.unreadable)},
-            "unreadable_records": scan.unreadable[:MAX_LISTED],
+            "counts": {**counts, "unreadable_records": len(unreadable)},
+            "unreadable_records": unreadable[:MAX_LISTED],
             "inputs": {"stdin": "-" in cfg.inputs, "images": len(found.sources),
                        "skipped_paths": len(found.skipped),
                        "skipped": [list(s) for s in found.skipped[:MAX_LISTED]],

@@ -29,7 +29,7 @@ class FakeOut:
         self.records: dict[str, str] = {}
 
     def run(self, inputs, stdin=None) -> dict[Path, str]:
-        found = discover_all(inputs, stdin, existing=self.records.get)
+        found = discover_all(inputs, stdin, existing=self.records)
         for s in found.sources:
             assert self.records.get(s.name) in (None, source_key(s.path)), "would overwrite another image"
             self.records[s.name] = source_key(s.path)

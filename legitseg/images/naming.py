@@ -16,8 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from legitseg.output.records import ImageRecord
 
 # 255 bytes per name on ext4/xfs/btrfs/APFS/NTFS. An output file name is a component plus the
 # collision tag (9), a suffix (.json, 5) and the temporary-file decoration (about 31).
@@ -25,16 +29,21 @@ NAME_MAX = 255
 COMPONENT_MAX_BYTES = NAME_MAX - 55
 _DIGEST_HEX = 16
 
-Existing = Callable[[str], "str | None"]
+Existing = Mapping[str, str]  # output name -> the source key OUT records under it
 
 
 def source_key(path: str | os.PathLike[str] | bytes) -> str:
     """The absolute path string (surrogateescape str) that identifies an input across runs.
 
-    Records store it so `existing(name)` can say which file owns a name; it is also
+    Records store it so `existing[name]` can say which file owns a name; it is also
     what the collision tag is computed from.
     """
     return os.path.abspath(os.fsdecode(path))
+
+
+def recorded_keys(records: Mapping[str, ImageRecord]) -> dict[str, str]:
+    """Output name -> the source key its record names (older records: their image path)."""
+    return {name: r.source or source_key(r.image) for name, r in records.items()}
 
 
 def escape(text: str) -> str:
@@ -89,11 +98,11 @@ def tag(key: str) -> str:
 def assign(wanted: Sequence[tuple[str, str]], existing: Existing | None = None) -> list[str]:
     """One output name per `(key, plain candidate)`, in order; keys must be distinct.
 
-    `existing(name)` returns the key OUT records under `name`, or None. The result never
-    repeats a name, never takes a name OUT records for another key, and keeps any name
-    OUT already records for the same key.
+    `existing` maps a name to the key OUT records under it (names OUT has no record of are
+    absent). The result never repeats a name, never takes a name OUT records for another
+    key, and keeps any name OUT already records for the same key.
     """
-    lookup = existing or (lambda _name: None)
+    lookup = (existing or {}).get
     demand = Counter(plain for _, plain in wanted)
     names: list[str] = []
     taken: set[str] = set()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -25,8 +25,8 @@ from legitseg.errors import UsageError
 from legitseg.images import naming
 from legitseg.images.naming import source_key
 
-__all__ = ["IMAGE_SUFFIXES", "OUT_MARKER", "Discovery", "Source", "discover", "discover_all",
-           "is_image_name", "is_output_folder", "source_key"]
+__all__ = ["IMAGE_SUFFIXES", "OUT_MARKER", "Discovery", "Found", "Source", "discover", "discover_all",
+           "find_all", "is_image_name", "is_output_folder", "source_key"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,25 @@ class Discovery:
     sources: list[Source] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (display path, reason)
     empty_inputs: list[str] = field(default_factory=list)  # folder INPUTs with no image
+
+
+@dataclass
+class Found:
+    """What a set of INPUTs holds before any name is given: image paths, each with its path
+    relative to its root (in order, each file once), what was passed over, empty folders."""
+
+    paths: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty_inputs: list[str] = field(default_factory=list)
+
+    def named(self, existing: Mapping[str, str] | None = None) -> Discovery:
+        """The Sources with their output names. `existing` maps the output names OUT has records
+        for to the source key (`source_key`) each records; it keeps names stable across runs
+        (see naming)."""
+        wanted = [(source_key(path), naming.candidate(rel)) for path, rel in self.paths]
+        names = naming.assign(wanted, existing)
+        sources = [Source(Path(p), n) for (p, _), n in zip(self.paths, names, strict=True)]
+        return Discovery(sources, self.skipped, self.empty_inputs)
 
 
 def is_image_name(path: Path | str) -> bool:
@@ -149,16 +168,15 @@ def _split_stdin(data: bytes, null: bool) -> list[str]:
     return [os.fsdecode(item) for item in items if item]
 
 
-def discover_all(inputs: Iterable[str], stdin: BinaryIO | None = None, *, null: bool = False,
-                 out: Path | None = None, existing: Callable[[str], str | None] | None = None) -> Discovery:
-    """Expand INPUT arguments (files, folders, `-`) into named Sources in a stable order.
+def find_all(inputs: Iterable[str], stdin: BinaryIO | None = None, *, null: bool = False,
+             out: Path | None = None) -> Found:
+    """Expand INPUT arguments (files, folders, `-`) into image paths in a stable order.
 
     `stdin` is read as bytes when an INPUT is `-`: one path per line, or per NUL byte
-    with `null`. `out` is never searched. `existing(name)` returns the source key
-    (`source_key`) OUT records under an output name, or None; it keeps names stable
-    across runs (see naming). Raises UsageError for a missing INPUT argument, `-`
-    without stdin, or NUL bytes on stdin without `null`. A missing path read from stdin
-    is kept, to fail as one image.
+    with `null`. `out` is never searched. Raises UsageError for a missing INPUT argument,
+    `-` without stdin, or NUL bytes on stdin without `null`. A missing path read from
+    stdin is kept, to fail as one image. Names come after (`Found.named`), once OUT's
+    records are known.
     """
     inputs = list(inputs)
     if "-" in inputs:
@@ -167,7 +185,13 @@ def discover_all(inputs: Iterable[str], stdin: BinaryIO | None = None, *, null: 
         lines = _split_stdin(stdin.read(), null)
     else:
         lines = []
-    return _collect(inputs, lines, out, existing)
+    return _collect(inputs, lines, out)
+
+
+def discover_all(inputs: Iterable[str], stdin: BinaryIO | None = None, *, null: bool = False,
+                 out: Path | None = None, existing: Mapping[str, str] | None = None) -> Discovery:
+    """`find_all`, then the names (`Found.named(existing)`). Raises as `find_all` does."""
+    return find_all(inputs, stdin, null=null, out=out).named(existing)
 
 
 def discover(inputs: Iterable[str], stdin_lines: Iterable[str] | None = None) -> list[Source]:
@@ -179,12 +203,11 @@ def discover(inputs: Iterable[str], stdin_lines: Iterable[str] | None = None) ->
             raise UsageError("INPUT '-' given but no standard input")
         lines = [line.rstrip("\r\n") for line in stdin_lines]
         lines = [line for line in lines if line.strip()]
-    return _collect(inputs, lines, None, None).sources
+    return _collect(inputs, lines, None).named().sources
 
 
-def _collect(inputs: Iterable[str], stdin_paths: list[str], out: Path | None,
-             existing: Callable[[str], str | None] | None) -> Discovery:
-    result = Discovery()
+def _collect(inputs: Iterable[str], stdin_paths: list[str], out: Path | None) -> Found:
+    result = Found()
     out_real = os.path.realpath(out) if out is not None else None
     walker = _Walker(out_real, result.skipped)
     pairs: list[tuple[str, str]] = []  # (path, path relative to its root)
@@ -212,17 +235,11 @@ def _collect(inputs: Iterable[str], stdin_paths: list[str], out: Path | None,
             raise UsageError(f"INPUT {naming.display(arg)!r} does not exist")
 
     seen: set[str] = set()
-    wanted: list[tuple[str, str]] = []
-    paths: list[str] = []
     for path, rel in pairs:
         key = source_key(path)
         if key not in seen:  # a file given twice is processed once, under its first name
             seen.add(key)
-            wanted.append((key, naming.candidate(rel)))
-            paths.append(path)
-    names = naming.assign(wanted, existing)
-    result.sources = [Source(Path(p), n) for p, n in zip(paths, names, strict=True)]
+            result.paths.append((path, rel))
     if result.skipped:
         log.debug("discovery skipped %d path(s)", len(result.skipped))
     return result
-

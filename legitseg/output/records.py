@@ -46,6 +46,9 @@ class RecordError(ValueError):
     """A record file that is not a legitseg record."""
 
 
+# A result owns its formats: `values` go into record entries (hence rows) and API objects,
+# `arrays` into API objects only, `files` are written under the entry field that names them
+# (`writers.FILES` says where and how). Nothing else maps a result's fields.
 @dataclass
 class SegmentationResult:
     mask: np.ndarray  # (H, W) uint8, or uint16 above 255 classes
@@ -53,12 +56,34 @@ class SegmentationResult:
     area_fraction: dict[str, float]
     components: dict[str, int]
 
+    def values(self) -> dict[str, Any]:
+        return {"area_fraction": self.area_fraction, "components": self.components}
+
+    def arrays(self) -> dict[str, Any]:
+        return {"mask": self.mask, "probabilities": self.probabilities}
+
+    def files(self) -> dict[str, np.ndarray]:
+        """Entry field -> the array written to the file it names (probabilities only when kept)."""
+        out = {"mask": self.mask}
+        if self.probabilities is not None:
+            out["probability_map"] = self.probabilities
+        return out
+
 
 @dataclass
 class SeverityResult:
     probabilities: list[float]
     grade: int
     score: float
+
+    def values(self) -> dict[str, Any]:
+        return {"score": self.score, "grade": self.grade, "probabilities": self.probabilities}
+
+    def arrays(self) -> dict[str, Any]:
+        return {}
+
+    def files(self) -> dict[str, np.ndarray]:
+        return {}
 
 
 @dataclass
@@ -77,6 +102,45 @@ class ModelOutput:
     @classmethod
     def failed(cls, error: str, kind: str) -> ModelOutput:
         return cls(error=error, error_kind=kind)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.result is not None
+
+    def fields(self, *, arrays: bool = False) -> dict[str, Any]:
+        """What a record entry says of this output (status, then the error or the result's values);
+        with `arrays`, also the arrays an API result carries."""
+        if self.error_kind == "inadequate":  # the quality policy skipped the models: not a failure
+            return {"status": "inadequate", "error": self.error, **({"error_kind": self.error_kind} if arrays else {})}
+        if not self.ok:
+            return {"status": "failed", "error": self.error or "no result", "error_kind": self.error_kind}
+        assert self.result is not None
+        return {"status": "ok", **self.result.values(), **(self.result.arrays() if arrays else {})}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a sink records about a model besides its results (and the API reports with them)."""
+
+    name: str
+    task: str
+    weights_sha256: str
+    settings: str  # settings_digest
+    backend: str | None = None
+    parity: float | None = None
+
+    @classmethod
+    def of(cls, runner: Any) -> ModelInfo:
+        """The info of a built runner (anything with `name`, `loaded.spec`, `backend`, `parity`)."""
+        spec = runner.loaded.spec
+        return cls(runner.name, spec.task, spec.sha256, settings_digest(spec), runner.backend, runner.parity)
+
+    def entry(self, output: ModelOutput, run_id: str | None) -> ModelEntry:
+        """`output`'s record entry, before its files are written (they set `mask`, ...)."""
+        base = dict(task=self.task, weights_sha256=self.weights_sha256, settings=self.settings, run_id=run_id)
+        if not output.ok:
+            return ModelEntry(**base, **output.fields())
+        return ModelEntry(**base, backend=self.backend, parity=self.parity, **output.fields())
 
 
 def settings_fields(spec: ModelSpec, *, exclude_defaults: bool = True) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Everything legitseg writes under OUT (SPEC section 5): the file layout and the Sink.
 
-Every file is written under a temporary name in its own folder, flushed to disk
-and renamed into place (`fsio.atomic_write`), so a reader (or a run after a
-SIGKILL) never sees a partial file under a final name. The per-image record is
-written last: it is the unit of completion.
+Every file is written under a temporary name in its own folder and renamed into place,
+so a reader (or a run after a SIGKILL) never sees a partial file under a final name. The
+Sink writes a group of images' files (masks, probability maps, overlays, records) under
+temporary names, makes them durable with one flush (`fsio.Staging`), and only then
+renames them, each image's record last: a record, the unit of completion, appears only
+once the files it names are on disk.
 
 The Sink turns the engine's `ImageResult`s into files and records; it knows
 nothing of torch or of how results were computed, so every engine (local
@@ -29,24 +31,24 @@ import numpy as np
 
 from legitseg._version import __version__
 from legitseg.errors import RuntimeFailure
-from legitseg.fsio import atomic_write, dumps
+from legitseg.fsio import Staging, atomic_write, dumps
 from legitseg.output.lock import summary_lock
 from legitseg.output.overlay import Style, encode_jpeg, segmentation_overlay, severity_overlay
-from legitseg.output.records import (
+from legitseg.output.records import (  # noqa: F401 - ModelInfo is imported from here too
     CSV_FIELDS,
     FORMAT_VERSION,
     QUALITY_FIELDS,
     ImageRecord,
     ImageResult,
     ModelEntry,
+    ModelInfo,
     ModelOutput,
     RecordError,
-    SegmentationResult,
     SeverityResult,
 )
+from legitseg.output.resume import RECORDS, Resume
 
 log = logging.getLogger(__name__)
-RECORDS = "records"
 MASKS = "masks"
 PROBABILITIES = "probabilities"
 OVERLAYS = "overlays"
@@ -119,18 +121,8 @@ class RecordScan:
 
 
 def scan_records(out: Path) -> RecordScan:
-    scan = RecordScan()
-    root = out / RECORDS
-    if not root.is_dir():
-        return scan
-    for p in sorted(p for p in root.rglob("*.json") if p.is_file()):
-        try:
-            scan.records.append(ImageRecord.from_json(json.loads(p.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, RecordError) as err:
-            # Only complete records are renamed into place; anything else is foreign or damaged.
-            log.warning("skipping %s in the summaries: not a valid record (%s)", p, err)
-            scan.unreadable.append(str(p.relative_to(out)))
-    return scan
+    resume = Resume.read(out, exact=False)
+    return RecordScan(resume.in_order(), resume.unreadable_paths())
 
 
 def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
@@ -139,39 +131,29 @@ def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
     Rows written by `current_run` say `computed: true`. Rebuilds by processes sharing OUT
     (shards) take turns (`lock.summary_lock`), so the last one reads every record."""
     with summary_lock(out):
-        return _rebuild_summaries(out, current_run)
+        scan = scan_records(out)
+        write_summaries(out, scan.records, current_run)
+        return scan
 
 
-def _rebuild_summaries(out: Path, current_run: str | None) -> RecordScan:
+def write_summaries(out: Path, records: Iterable[ImageRecord], current_run: str | None) -> None:
+    """Write scores.jsonl and scores.csv: the rows of `records`, in order."""
     jsonl = io.StringIO()
     table = io.StringIO()
-    scan = scan_records(out)
+    records = list(records)
     # Quality columns only where a `quality:` policy ran, so scores.csv without one stays as it was.
-    fields = CSV_FIELDS + QUALITY_FIELDS if any(r.quality is not None for r in scan.records) else CSV_FIELDS
+    fields = CSV_FIELDS + QUALITY_FIELDS if any(r.quality is not None for r in records) else CSV_FIELDS
     writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for record in scan.records:
+    for record in records:
         for row in record.rows(current_run=current_run):
             jsonl.write(dumps(row, ensure_ascii=False) + "\n")
             writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
     atomic_write(out / "scores.jsonl", jsonl.getvalue().encode("utf-8", "backslashreplace"))
     atomic_write(out / "scores.csv", table.getvalue().encode("utf-8", "backslashreplace"))
-    return scan
 
 
 # -- the sink -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the sink records about a model besides its results."""
-
-    name: str
-    task: str
-    weights_sha256: str
-    settings: str  # records.settings_digest
-    backend: str | None = None
-    parity: float | None = None
-
-
 @dataclass
 class ImageOutcome:
     """What became of one image: its record as written, and its rows for this run's models."""
@@ -185,18 +167,40 @@ class ImageOutcome:
         return not self.record.failed
 
 
+# Entry field -> (where its file goes, how its array is encoded): the files a result names.
+FILES = {"mask": (mask_path, encode_png), "probability_map": (probability_path, encode_npz)}
+# A finished image waits at most this long for its group's flush when results come slowly.
+LINGER_S = 1.0
+
+
+@dataclass
+class _Staged:
+    """One image written under temporary names: its files, its record last."""
+
+    files: list[tuple[Path, Path]]
+    record: ImageRecord
+
+
 class Sink:
-    """Writes ImageResults under OUT: masks, probability maps, then the record (merged with
-    the previous record of the same image bytes)."""
+    """Writes ImageResults under OUT: masks, probability maps, overlays, then the record (merged
+    with the previous record of the same image bytes, taken from `resume`, never re-read).
+
+    Images are written in groups: every finished image at the head of the queue when more
+    than `depth` wait (or when results come slowly, after LINGER_S) is flushed to disk with
+    one call and then renamed into place, each record after its files (`fsio.Staging`).
+    """
 
     def __init__(self, out: Path, models: list[ModelInfo], run_id: str, writers: int = 2,
-                 overlays: dict[str, Style] | None = None, depth: int | None = None):
+                 overlays: dict[str, Style] | None = None, depth: int | None = None,
+                 resume: Resume | None = None):
         self.out = out
         self.models = {m.name: m for m in models}
         self.run_id = run_id
         self.writers = max(1, writers)
         self.depth = depth or 2 * self.writers  # results queued for the writers at most
         self.overlays = overlays  # model -> Style: write overlays (needs ImageResult.rgb)
+        self.resume = resume if resume is not None else Resume.read(out, exact=False)
+        self.staging = Staging()
 
     def _drop_overlay(self, model: str, name: str) -> None:
         """Remove an overlay left by an earlier result of this name: the new entry names none."""
@@ -208,7 +212,7 @@ class Sink:
         except OSError as err:
             raise RuntimeFailure(f"cannot remove the stale overlay {path}: {err.strerror or err}") from err
 
-    def _overlay(self, entry: ModelEntry, model: str, name: str, value, rgb) -> None:
+    def _overlay(self, entry: ModelEntry, model: str, name: str, value, rgb, files: list) -> None:
         """Write the overlay of one ok result (with overlays on), else drop a stale one."""
         path = overlay_path(name, model)
         style = self.overlays.get(model) if self.overlays else None
@@ -224,77 +228,110 @@ class Sink:
             data = encode_jpeg(drawn)
         except (ValueError, cv2.error) as err:
             raise RuntimeFailure(f"{model}: cannot draw the overlay of {name}: {err}") from err
-        atomic_write(self.out / path, data)
+        files.append(self.staging.stage(self.out / path, data))
         entry.overlay = path
 
-    def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb=None) -> ModelEntry:
-        base = dict(task=info.task, weights_sha256=info.weights_sha256, settings=info.settings, run_id=self.run_id)
-        if output.error_kind == "inadequate":  # the quality policy skipped the models: not a failure
+    def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb, files: list) -> ModelEntry:
+        entry = info.entry(output, self.run_id)
+        if not entry.ok:
             self._drop_overlay(info.name, name)
-            return ModelEntry(**base, status="inadequate", error=output.error)
-        if output.error is not None or output.result is None:
-            self._drop_overlay(info.name, name)
-            return ModelEntry(**base, status="failed", error=output.error or "no result",
-                              error_kind=output.error_kind)
-        entry = ModelEntry(**base, status="ok", backend=info.backend, parity=info.parity)
-        value = output.result
-        if isinstance(value, SeverityResult):
-            entry.score, entry.grade, entry.probabilities = value.score, value.grade, value.probabilities
-            self._overlay(entry, info.name, name, value, rgb)
             return entry
-        assert isinstance(value, SegmentationResult)
-        entry.mask = mask_path(name, info.name)
-        atomic_write(self.out / entry.mask, encode_png(value.mask))
-        if value.probabilities is not None:
-            entry.probability_map = probability_path(name, info.name)
-            atomic_write(self.out / entry.probability_map, encode_npz(value.probabilities))
-        entry.area_fraction, entry.components = value.area_fraction, value.components
-        self._overlay(entry, info.name, name, value, rgb)
+        assert output.result is not None
+        for key, array in output.result.files().items():
+            where, encode = FILES[key]
+            path = where(name, info.name)
+            files.append(self.staging.stage(self.out / path, encode(array)))
+            setattr(entry, key, path)
+        self._overlay(entry, info.name, name, output.result, rgb, files)
         return entry
+
+    def _stage(self, result: ImageResult) -> _Staged:
+        """Write one image's files and record under temporary names (not yet durable).
+        Raises RuntimeFailure when OUT is not writable (what it staged is removed)."""
+        files: list[tuple[Path, Path]] = []
+        try:
+            entries = {name: self._entry(self.models[name], out, result.name, result.rgb, files)
+                       for name, out in result.outputs.items()}
+            models: dict[str, ModelEntry] = {}
+            previous = self.resume.get(result.name)
+            if previous and previous.sha256 == result.sha256:
+                # Results of models not selected in this run stay valid for the same image bytes,
+                # and stay credited to their run: an entry of an older record, which names none,
+                # gets the run that had last written the record, before this run replaces that.
+                for k, v in previous.models.items():
+                    if k not in entries:
+                        v.run_id = previous.producer(k)
+                        models[k] = v
+            models.update(entries)
+            failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok]
+            record = ImageRecord(
+                image=result.image, name=result.name, sha256=result.sha256,
+                size=list(result.size) if result.size else None,
+                status="failed" if failed else "ok",
+                error=result.error or ("; ".join(failed) if failed else None),
+                models=models, legitseg=__version__, run_id=self.run_id,
+                written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                source=result.source, format=FORMAT_VERSION,
+            )
+            files.append(self.staging.stage(record_path(self.out, record.name), record.to_bytes()))
+        except BaseException:
+            self.staging.discard(files)
+            raise
+        return _Staged(files, record)
+
+    def _commit(self, group: list[_Staged]) -> list[ImageOutcome]:
+        """One flush for the group's files, then each image's files and record renamed into place."""
+        renamed = 0
+        try:
+            self.staging.flush([f for staged in group for f in staged.files])
+            for staged in group:
+                self.staging.rename(staged.files)
+                self.resume.wrote(staged.record)
+                renamed += 1
+        except BaseException:
+            for staged in group[renamed:]:
+                self.staging.discard(staged.files)
+            raise
+        selected = set(self.models)
+        return [ImageOutcome(s.record, s.record.rows(selected, self.run_id)) for s in group]
 
     def write(self, result: ImageResult) -> ImageOutcome:
         """Write one image's files and its record. Raises RuntimeFailure when OUT is not writable."""
-        entries = {name: self._entry(self.models[name], out, result.name, result.rgb)
-                   for name, out in result.outputs.items()}
-        models: dict[str, ModelEntry] = {}
-        previous = read_record(self.out, result.name)
-        if previous and previous.sha256 == result.sha256:
-            # Results of models not selected in this run stay valid for the same image bytes,
-            # and stay credited to their run: an entry of an older record, which names none,
-            # gets the run that had last written the record, before this run replaces that.
-            for k, v in previous.models.items():
-                if k not in entries:
-                    v.run_id = previous.producer(k)
-                    models[k] = v
-        models.update(entries)
-        failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok and e.status != "inadequate"]
-        skipped = bool(entries) and all(e.status == "inadequate" for e in entries.values())
-        record = ImageRecord(
-            image=result.image, name=result.name, sha256=result.sha256,
-            size=list(result.size) if result.size else None,
-            status="failed" if failed else "inadequate" if skipped else "ok",
-            error=result.error or ("; ".join(failed) if failed else None),
-            models=models, legitseg=__version__, run_id=self.run_id,
-            written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            source=result.source, format=FORMAT_VERSION,
-            quality=result.quality.to_json() if result.quality is not None else None,
-        )
-        write_record(self.out, record)
-        return ImageOutcome(record, record.rows(set(self.models), self.run_id))
+        try:
+            return self._commit([self._stage(result)])[0]
+        finally:
+            self.staging.close()
+
+    @staticmethod
+    def _take(queued: deque[Future]) -> list[_Staged]:
+        """The oldest image (waited for) and every image after it already staged without error."""
+        group = [queued.popleft().result()]
+        while queued and queued[0].done() and queued[0].exception() is None:
+            group.append(queued.popleft().result())
+        return group
 
     def consume(self, results: Iterable[ImageResult]) -> Iterator[ImageOutcome]:
         """Write results in a small thread pool; yield outcomes in input order.
 
-        At most `depth` (default 2 x writers) images wait to be written, whatever the number of inputs.
+        At most `depth` (default 2 x writers) images wait to be written, whatever the number of
+        inputs. Images not yet renamed into place when this stops early (an error, the caller
+        closing the generator) are removed: they have no record, so a later run redoes them.
         """
         pool = ThreadPoolExecutor(self.writers, thread_name_prefix="legitseg-write")
         queued: deque[Future] = deque()
+        last = time.monotonic()
         try:
             for result in results:
-                queued.append(pool.submit(self.write, result))
-                while len(queued) > self.depth:
-                    yield queued.popleft().result()
+                queued.append(pool.submit(self._stage, result))
+                if len(queued) > self.depth or (queued[0].done() and time.monotonic() - last >= LINGER_S):
+                    outcomes = self._commit(self._take(queued))
+                    last = time.monotonic()
+                    yield from outcomes
             while queued:
-                yield queued.popleft().result()
+                yield from self._commit(self._take(queued))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            for future in queued:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self.staging.discard(future.result().files)
+            self.staging.close()
