@@ -263,15 +263,17 @@ class Sink:
                         v.run_id = previous.producer(k)
                         models[k] = v
             models.update(entries)
-            failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok]
+            failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok and e.status != "inadequate"]
+            skipped = bool(entries) and all(e.status == "inadequate" for e in entries.values())
             record = ImageRecord(
                 image=result.image, name=result.name, sha256=result.sha256,
                 size=list(result.size) if result.size else None,
-                status="failed" if failed else "ok",
+                status="failed" if failed else "inadequate" if skipped else "ok",
                 error=result.error or ("; ".join(failed) if failed else None),
                 models=models, legitseg=__version__, run_id=self.run_id,
                 written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 source=result.source, format=FORMAT_VERSION,
+                quality=result.quality.to_json() if result.quality is not None else None,
             )
             files.append(self.staging.stage(record_path(self.out, record.name), record.to_bytes()))
         except BaseException:
