@@ -31,6 +31,9 @@ CSV_FIELDS = (
     "run_id", "computed",
 )
 _ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
+# Row columns of models with uncertainty on (docs/uncertainty.md); scores.csv has them only
+# when a row does, so outputs without uncertainty keep their columns.
+UNCERTAINTY_FIELDS = ("uncertainty", "refer")
 # Error kinds. A failure of one of these kinds repeats on the same bytes with the same
 # model; a rerun skips such an image unless asked to retry (`--retry-failed`).
 DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
@@ -48,6 +51,8 @@ class SegmentationResult:
     probabilities: np.ndarray | None  # (C, H, W) float16 when kept
     area_fraction: dict[str, float]
     components: dict[str, int]
+    uncertainty: dict[str, Any] | None = None  # measures, with uncertainty on
+    referral: dict[str, Any] | None = None  # refer policy's verdict: refer, measure, value, above
 
 
 @dataclass
@@ -55,6 +60,8 @@ class SeverityResult:
     probabilities: list[float]
     grade: int
     score: float
+    uncertainty: dict[str, Any] | None = None
+    referral: dict[str, Any] | None = None
 
 
 @dataclass
@@ -116,6 +123,11 @@ class ModelEntry:
     # Label -> "#rrggbb" the overlay was drawn with: a later `colors:` change must not
     # relabel an overlay drawn before it. None without an overlay, and in older records.
     overlay_colors: dict[str, str] | None = None
+    # Uncertainty measures (with `uncertainty: true` or a `refer:` policy) and the policy's
+    # verdict: `refer` true/false, `referral` {measure, value, above}. None otherwise.
+    uncertainty: dict[str, Any] | None = None
+    refer: bool | None = None
+    referral: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields of newer versions, kept as read
 
     @property
@@ -137,7 +149,7 @@ class ModelEntry:
             out["backend"] = self.backend
             out["parity"] = self.parity
         for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities",
-                    "overlay", "overlay_colors"):
+                    "overlay", "overlay_colors", "uncertainty", "refer", "referral"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -234,7 +246,7 @@ class ImageRecord:
                 continue
             data = entry.to_json()
             row = {"image": self.image, "model": model, "status": entry.status}
-            for key in _ENTRY_ROW_FIELDS:
+            for key in _ENTRY_ROW_FIELDS + UNCERTAINTY_FIELDS:
                 if data.get(key) is not None:
                     row[key] = data[key]
             run_id = self.producer(model)

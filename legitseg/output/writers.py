@@ -35,6 +35,7 @@ from legitseg.output.overlay import Style, encode_jpeg, segmentation_overlay, se
 from legitseg.output.records import (
     CSV_FIELDS,
     FORMAT_VERSION,
+    UNCERTAINTY_FIELDS,
     ImageRecord,
     ImageResult,
     ModelEntry,
@@ -144,19 +145,28 @@ def rebuild_summaries(out: Path, current_run: str | None = None) -> RecordScan:
 def _rebuild_summaries(out: Path, current_run: str | None) -> RecordScan:
     jsonl = io.StringIO()
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
     scan = scan_records(out)
-    for record in scan.records:
-        for row in record.rows(current_run=current_run):
-            jsonl.write(dumps(row, ensure_ascii=False) + "\n")
-            writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+    rows = [row for record in scan.records for row in record.rows(current_run=current_run)]
+    extra = [k for k in UNCERTAINTY_FIELDS if any(k in row for row in rows)]
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS + tuple(extra), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        jsonl.write(dumps(row, ensure_ascii=False) + "\n")
+        writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
     atomic_write(out / "scores.jsonl", jsonl.getvalue().encode("utf-8", "backslashreplace"))
     atomic_write(out / "scores.csv", table.getvalue().encode("utf-8", "backslashreplace"))
     return scan
 
 
 # -- the sink -----------------------------------------------------------------------------
+def _uncertainty(entry: ModelEntry, value: SegmentationResult | SeverityResult) -> None:
+    """Copy a result's uncertainty measures and referral verdict (when computed) into its entry."""
+    entry.uncertainty = value.uncertainty
+    if value.referral is not None:
+        entry.refer = bool(value.referral["refer"])
+        entry.referral = {k: v for k, v in value.referral.items() if k != "refer"}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the sink records about a model besides its results."""
@@ -233,6 +243,7 @@ class Sink:
         value = output.result
         if isinstance(value, SeverityResult):
             entry.score, entry.grade, entry.probabilities = value.score, value.grade, value.probabilities
+            _uncertainty(entry, value)
             self._overlay(entry, info.name, name, value, rgb)
             return entry
         assert isinstance(value, SegmentationResult)
@@ -242,6 +253,7 @@ class Sink:
             entry.probability_map = probability_path(name, info.name)
             atomic_write(self.out / entry.probability_map, encode_npz(value.probabilities))
         entry.area_fraction, entry.components = value.area_fraction, value.components
+        _uncertainty(entry, value)
         self._overlay(entry, info.name, name, value, rgb)
         return entry
 
