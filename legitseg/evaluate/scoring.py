@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from legitseg.errors import ImageError, NothingToScore, UsageError
+from legitseg.evaluate.stats import StatsOptions
 from legitseg.evaluate.truth import (
     PIL_READ_ERRORS,
     check_grade_range,
@@ -131,10 +132,13 @@ class ModelEvaluation:
     weights_sha256: set[str] = field(default_factory=set)
     truth: Path | None = None                                      # folder or CSV scored against
     settings: dict[str, list[str]] = field(default_factory=dict)  # settings digest -> images scored
+    uncertainty: dict[str, dict[str, Any]] = field(default_factory=dict)  # image -> recorded measures
 
     def add_provenance(self, image: str, entry: ModelEntry) -> None:
         if entry.weights_sha256:
             self.weights_sha256.add(entry.weights_sha256)
+        if isinstance(entry.uncertainty, dict):
+            self.uncertainty[image] = entry.uncertainty
         self.settings.setdefault(entry.settings or UNRECORDED, []).append(image)
 
     @property
@@ -301,6 +305,7 @@ class Evaluation:
     truth: Path
     models: dict[str, ModelEvaluation]
     images: int
+    stats: StatsOptions = field(default_factory=StatsOptions)  # failure cut, bootstrap, subgroups
 
     @property
     def problems(self) -> int:
@@ -331,7 +336,8 @@ def _check_settings(ev: ModelEvaluation, out: Path) -> None:
 
 
 def evaluate(out: Path, truth: Path, models: list[str] | None = None,
-             severity_csv: Path | None = None, allow_mixed_settings: bool = False) -> Evaluation:
+             severity_csv: Path | None = None, allow_mixed_settings: bool = False,
+             stats: StatsOptions | None = None) -> Evaluation:
     """Score OUT against the ground-truth folder.
 
     `truth/<model>/` holds label maps for segmentation models; severity models are scored
@@ -377,7 +383,7 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
         raise UsageError(f"nothing to evaluate: {truth} has no folder named after a segmentation "
                          f"model ({', '.join(m for m, t in tasks.items() if t == 'segmentation') or 'none'}) "
                          f"and no severity CSV")
-    return Evaluation(out, truth, result, len(records))
+    return Evaluation(out, truth, result, len(records), stats or StatsOptions())
 
 
 def _severity_csv(truth: Path, model: str, explicit: Path | None) -> Path | None:
