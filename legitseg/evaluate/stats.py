@@ -10,12 +10,12 @@ numbers. No printing; no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from legitseg.evaluate.scoring import ModelEvaluation
+# `scoring.ModelEvaluation` (scoring imports this module for StatsOptions, so not imported back).
+ModelEvaluation = Any
 
 FAIL_BELOW = 0.65  # the ISIC 2018 rule: an image with IoU below it failed
 SEVERITY_FAIL = 2  # a grade off by 2 or more failed
