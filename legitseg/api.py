@@ -54,6 +54,9 @@ class ModelResult:
     `area_fraction` and `components` per non-background label, and `probabilities`
     (C, H, W) float16 when asked for. Severity: `probabilities` (list of floats, one per
     class), `grade` and `score`. A failed model has `status` "failed", `error`, `error_kind`.
+    With `uncertainty: true` or a `refer:` policy in the manifest: `uncertainty` (the measures
+    of docs/uncertainty.md; segmentation probabilities are then kept), and under a policy
+    `refer` and `referral` ({measure, value, above}), as in the record.
     """
 
     model: str
@@ -71,6 +74,9 @@ class ModelResult:
     grade: int | None = None
     error: str | None = None
     error_kind: str | None = None  # image | forward | oom | postprocess
+    uncertainty: dict[str, Any] | None = None
+    refer: bool | None = None
+    referral: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -337,6 +343,10 @@ class Predictor:
             res.mask, res.area_fraction, res.components = value.mask, value.area_fraction, value.components
         else:
             res.grade, res.score = value.grade, value.score
+        res.uncertainty = value.uncertainty
+        if value.referral is not None:
+            res.refer = bool(value.referral["refer"])
+            res.referral = {k: v for k, v in value.referral.items() if k != "refer"}
         return res
 
     def __repr__(self) -> str:

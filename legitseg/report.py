@@ -31,6 +31,8 @@ from legitseg._version import __version__
 from legitseg.errors import ImageError, UsageError
 from legitseg.images.decode import check_header, decode_rgb, read_bytes, sha256_bytes
 from legitseg.images.sources import OUT_MARKER
+from legitseg.inference.uncertainty import referral_text as _referral_text
+from legitseg.inference.uncertainty import referred as _referred
 from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.output.records import ImageRecord, ModelEntry
 from legitseg.output.writers import RECORDS, RUNS, atomic_write, scan_records
@@ -336,7 +338,8 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     except (OSError, ValueError) as err:
         log.warning("%s: no readable run.json (%s); provenance comes from the records only", out, err)
         run = {}
-    records = scan_records(out).records
+    # Images a model's refer policy referred come first (docs/uncertainty.md); a stable sort.
+    records = sorted(scan_records(out).records, key=lambda r: not _referred(r))
     models: list[str] = list((run.get("models") or {}).keys())
     for r in records:
         models += [m for m in r.models if m not in models]
@@ -350,7 +353,8 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     for i, r in enumerate(records):
         item = {
             "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error,
-            "results": [{"model": m, "text": _result_text(e), "run_id": r.producer(m),
+            "referred": _referred(r),
+            "results": [{"model": m, "text": _result_text(e) + _referral_text(e), "run_id": r.producer(m),
                          "mask": _link(out.resolve() / e.mask, report_dir) if e.mask else None}
                         for m, e in r.models.items()],
         }
@@ -369,6 +373,7 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
         "summaries": model_summaries(records, models, styles),
         "legend": legend(cards, {m: styles[m] for m in seg_models}),
         "cards": cards, "rows": rows, "images": len(records),
+        "referred": sum(_referred(r) for r in records),
         "failed": [item for item in cards + rows if item["status"] != "ok"],
         "max_thumbnails": max_thumbnails,
     }

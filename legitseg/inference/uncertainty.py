@@ -181,6 +181,19 @@ def referral(measures: dict[str, Any], policy: ReferPolicy) -> dict[str, Any]:
             "value": value, "above": policy.above}
 
 
+def referral_text(entry: Any) -> str:
+    """`; referred (measure value > limit)` for a record entry its policy referred, else ''."""
+    why = entry.referral or {}
+    if entry.refer is not True or not isinstance(why.get("value"), int | float):
+        return ""
+    return f"; referred ({why.get('measure')} {why['value']:.3g} > {why.get('above')})"
+
+
+def referred(record: Any) -> bool:
+    """Whether any model's refer policy referred a record's image."""
+    return any(e.refer is True for e in record.models.values())
+
+
 def annotate(result: SegmentationResult | SeverityResult, spec: ModelSpec,
              members: dict[str, Any] | None = None) -> None:
     """Fill `result.uncertainty` (and `result.referral` under a policy) when the model has
