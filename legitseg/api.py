@@ -62,6 +62,9 @@ class ModelResult:
     (C, H, W) float16 when asked for. Severity: `probabilities` (list of floats, one per
     class), `grade` and `score`. A failed model has `status` "failed", `error`, `error_kind`.
     A model the quality policy did not run (`on_inadequate: skip`) has `status` "inadequate".
+    With `uncertainty: true` or a `refer:` policy in the manifest: `uncertainty` (the measures
+    of docs/uncertainty.md; segmentation probabilities are then kept), and under a policy
+    `refer` and `referral` ({measure, value, above}), as in the record.
     """
 
     model: str
@@ -79,6 +82,9 @@ class ModelResult:
     grade: int | None = None
     error: str | None = None
     error_kind: str | None = None  # image | forward | oom | postprocess
+    uncertainty: dict[str, Any] | None = None
+    refer: bool | None = None
+    referral: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

@@ -7,9 +7,8 @@ base64 JPEGs), the failed images with their errors, and relative links to the fu
 masks. The page loads nothing: a Content-Security-Policy forbids every request except
 `data:` images. Records are read as `records.ImageRecord`s; run.json (not a record) as JSON.
 
-A photograph is used for a thumbnail only when its bytes still have the sha256 of the
-record (so a tint never lands on another picture); otherwise the mask is drawn on grey
-and the card says why.
+A photograph is used for a thumbnail only when its bytes still have the sha256 of the record
+(so a tint never lands on another picture); otherwise the mask is drawn on grey, and the card says why.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from legitseg._version import __version__
 from legitseg.errors import ImageError, UsageError
 from legitseg.images.decode import check_header, decode_rgb, read_bytes, sha256_bytes
 from legitseg.images.sources import OUT_MARKER
+from legitseg.inference import uncertainty
 from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.output.records import ImageRecord, ModelEntry
 from legitseg.output.writers import RECORDS, RUNS, atomic_write, scan_records
@@ -337,7 +337,8 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     except (OSError, ValueError) as err:
         log.warning("%s: no readable run.json (%s); provenance comes from the records only", out, err)
         run = {}
-    records = scan_records(out).records
+    # Images a model's refer policy referred come first (docs/uncertainty.md); a stable sort.
+    records = sorted(scan_records(out).records, key=lambda r: not uncertainty.referred(r))
     models: list[str] = list((run.get("models") or {}).keys())
     for r in records:
         models += [m for m in r.models if m not in models]
@@ -351,7 +352,8 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
     for i, r in enumerate(records):
         item = {
             "name": r.name, "image": r.image, "status": r.status or "?", "error": r.error, "quality": r.quality,
-            "results": [{"model": m, "text": _result_text(e), "run_id": r.producer(m),
+            "referred": uncertainty.referred(r),
+            "results": [{"model": m, "text": _result_text(e) + uncertainty.referral_text(e), "run_id": r.producer(m),
                          "mask": _link(out.resolve() / e.mask, report_dir) if e.mask else None}
                         for m, e in r.models.items()],
         }
@@ -370,6 +372,7 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
         "summaries": model_summaries(records, models, styles),
         "legend": legend(cards, {m: styles[m] for m in seg_models}),
         "cards": cards, "rows": rows, "images": len(records),
+        "referred": sum(uncertainty.referred(r) for r in records),
         "failed": [item for item in cards + rows if item["status"] not in ("ok", "inadequate")],
         "inadequate": inadequate_items(cards + rows),
         "max_thumbnails": max_thumbnails,

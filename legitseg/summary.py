@@ -46,6 +46,8 @@ class ModelSummary:
     areas: dict[str, list[float]] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)
     grades: dict[int, int] = field(default_factory=dict)
+    referred: int | None = None  # images the refer policy referred; None without a policy
+    uncertainty: dict[str, list[float]] = field(default_factory=dict)  # measure -> values
 
     def add(self, entry) -> None:
         if entry.status == "inadequate":  # not run: the quality policy skipped the image
@@ -64,6 +66,11 @@ class ModelSummary:
             self.scores.append(float(entry.score))
         if isinstance(entry.grade, int):
             self.grades[entry.grade] = self.grades.get(entry.grade, 0) + 1
+        if isinstance(entry.refer, bool):
+            self.referred = (self.referred or 0) + entry.refer
+        for measure, value in (entry.uncertainty or {}).items():
+            if measure not in ("band_width", "members") and isinstance(value, int | float):
+                self.uncertainty.setdefault(measure, []).append(float(value))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "ok": self.ok, "failed": self.failed,
@@ -74,6 +81,10 @@ class ModelSummary:
             out["score"] = _stats(self.scores)
         if self.grades:
             out["grades"] = {str(g): n for g, n in sorted(self.grades.items())}
+        if self.referred is not None:
+            out["referred"] = self.referred
+        if self.uncertainty:
+            out["uncertainty_stats"] = {m: _stats(v) for m, v in self.uncertainty.items()}
         return out
 
 
@@ -200,6 +211,11 @@ def render(data: dict[str, Any]) -> list[str]:
                          f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
         if "grades" in m:
             lines.append("  grades: " + ", ".join(f"{g}: {n}" for g, n in m["grades"].items()))
+        if "referred" in m:
+            lines.append(f"  referred: {m['referred']} of {m['ok']} ok")
+        for measure, s in m.get("uncertainty_stats", {}).items():
+            lines.append(f"  uncertainty {measure}: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
+                         f"max {_fmt(s['max'])}")
     if "quality" in data:
         q = data["quality"]
         lines.append(f"quality: {q['adequate']} adequate, {q['inadequate']} inadequate ({q['skipped']} not run), "

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from legitseg.cli.common import handles_errors, log, setup_logging, split
-from legitseg.errors import EXIT_IMAGES_FAILED
+from legitseg.errors import EXIT_IMAGES_FAILED, UsageError
 from legitseg.models.describe import tsv
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")]
@@ -95,6 +95,12 @@ def evaluate(
         "Score a model whose predictions in OUT were made with different settings as one "
         "(refused otherwise)"))] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots")] = True,
+    fail_below: Annotated[float, typer.Option("--fail-below", min=0.0, max=1.0, help=(
+        "An image whose IoU is below this failed (the failure rate; ISIC 2018's rule)"))] = 0.65,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the bootstrap resampling (recorded)")] = 20180601,
+    metadata: Annotated[Path | None, typer.Option("--metadata", help=(
+        "CSV with an image column and columns to group by (--by): metrics per subgroup"))] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Comma-separated columns of --metadata, e.g. fitzpatrick,body_site")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Dice, IoU, precision and recall per image, model and class; severity MAE, RMSE and confusion matrix.
@@ -106,11 +112,18 @@ def evaluate(
     """
     from legitseg.evaluate.output import check_destination, write_evaluation
     from legitseg.evaluate.scoring import evaluate as run_evaluation
+    from legitseg.evaluate.stats import StatsOptions
+    from legitseg.evaluate.subgroups import read_metadata
 
     setup_logging(quiet)
     dest = dest or out / "evaluation"
     check_destination(out, dest)
-    ev = run_evaluation(out, ground_truth, split(models), severity_csv, allow_mixed_settings)
+    columns = tuple(split(by) or ())
+    if (metadata is None) != (not columns):
+        raise UsageError("--metadata and --by go together: the CSV and the columns to group by")
+    stats = StatsOptions(fail_below=fail_below, seed=seed, by=columns,
+                         metadata=read_metadata(metadata, columns) if metadata is not None else None)
+    ev = run_evaluation(out, ground_truth, split(models), severity_csv, allow_mixed_settings, stats)
     nothing = ev.nothing_to_score()
     if nothing is not None and not any(m.scored for m in ev.models.values()):
         _log_problems(ev)

@@ -31,7 +31,7 @@ from legitseg.images.device_memory import free_memory, out_of_memory
 from legitseg.images.naming import source_key
 from legitseg.images.pixels import PixelSource
 from legitseg.images.sources import Source
-from legitseg.inference import postprocess
+from legitseg.inference import postprocess, uncertainty
 from legitseg.inference.runners import Runner
 from legitseg.output.records import ImageResult, ModelOutput
 
@@ -47,6 +47,7 @@ class Deferred:
     mask: int  # index in the batch's Transfer (segmentation: the mask; severity: the probabilities)
     probabilities: int | None = None
     pending: Pending | None = None  # set once the batch's transfer is launched
+    members: dict | None = None  # the TTA views'/members' uncertainty measures (inference/uncertainty.py)
 
 
 class Engine(device_decode_module.DeviceInputs):
@@ -200,13 +201,16 @@ class Engine(device_decode_module.DeviceInputs):
         host and are postprocessed there.
         """
         spec, logits = runner.loaded.spec, output.logits
+        members = uncertainty.members_of(logits)
         for _ in (1, 2):
             oom = False
             try:
                 if spec.task == "severity":
-                    return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec))))
+                    return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec)),
+                                                       members=members))
                 mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
-                return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs)))
+                return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs),
+                                                   members=members))
             except ValueError as err:
                 return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
             except RuntimeError as err:
@@ -228,10 +232,10 @@ class Engine(device_decode_module.DeviceInputs):
                 d = output.logits
                 assert d.pending is not None
                 if spec.task == "severity":
-                    return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec))
+                    return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec, d.members))
                 probs = None if d.probabilities is None else d.pending.array(d.probabilities)
                 return ModelOutput(result=postprocess.finish_segmentation(d.pending.array(d.mask), probs,
-                                                                          item.size, spec))
+                                                                          item.size, spec, d.members))
             if spec.task == "severity":
                 return ModelOutput(result=postprocess.severity(output.logits, spec))
             return ModelOutput(result=postprocess.segmentation(output.logits, item.size, spec,

@@ -25,6 +25,9 @@ from typing import Any
 from legitseg._version import __version__
 from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.evaluate.scoring import METRICS, Evaluation
+from legitseg.evaluate.stats import model_statistics
+from legitseg.evaluate.subgroups import subgroup_tables
+from legitseg.evaluate.uncertainty_plot import risk_coverage_plot
 from legitseg.output.writers import MASKS, OVERLAYS, PROBABILITIES, RECORDS, atomic_write
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,9 @@ def to_json(ev: Evaluation) -> dict[str, Any]:
             entry.update(m.severity(), grades=[
                 {"image": i, "true_grade": t, "predicted_grade": p, "score": s}
                 for i, t, p, s in m.grades])
+        entry["statistics"] = model_statistics(m, ev.stats)
+        if ev.stats.metadata is not None and ev.stats.by:
+            entry["statistics"]["subgroups"] = subgroup_tables(m, ev.stats)
         if ev.adequacy:  # only with a quality: policy, so evaluations without one stay as they were
             from legitseg.evaluate.adequacy import by_adequacy
 
@@ -85,6 +91,7 @@ def to_json(ev: Evaluation) -> dict[str, Any]:
             "mean": "mean over classes of each class's mean over images",
             "size_mismatch": "error for that image; ground truth is never resized",
         },
+        "statistics": ev.stats.to_json(),
         "models": models,
     })
 
@@ -104,7 +111,7 @@ def _csv(rows: list[dict[str, Any]], fields: list[str]) -> bytes:
 
 def _is_evaluation_file(name: str) -> bool:
     return (name in ("segmentation.csv", "severity.csv", "evaluation.json", "dice_boxplot.png")
-            or (name.startswith("severity_confusion_") and name.endswith(".png")))
+            or (name.startswith(("severity_confusion_", "risk_coverage_")) and name.endswith(".png")))
 
 
 def check_destination(out: Path, dest: Path) -> None:
@@ -138,8 +145,13 @@ def _contents(ev: Evaluation, plots: bool) -> Iterator[tuple[str, bytes]]:
         rows = [{"image": i, "model": m.model, "true_grade": t, "predicted_grade": p,
                  "error": p - t, "score": s} for m in sev for i, t, p, s in m.grades]
         yield "severity.csv", _csv(rows, SEVERITY_FIELDS)
-    yield "evaluation.json", (json.dumps(to_json(ev), indent=1, allow_nan=False) + "\n").encode()
+    data = to_json(ev)
+    yield "evaluation.json", (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
     if plots:
+        for name, entry in data["models"].items():
+            curves = entry["statistics"].get("uncertainty_vs_failure")
+            if curves:
+                yield f"risk_coverage_{name}.png", risk_coverage_plot(name, curves, ev.stats.fail_below, entry["task"])
         if any(m.scores for m in seg):
             yield "dice_boxplot.png", dice_boxplot(seg)
         for m in sev:

@@ -31,11 +31,13 @@ import numpy as np
 from PIL import Image
 
 from legitseg.errors import ImageError, NothingToScore, UsageError
+from legitseg.evaluate.stats import StatsOptions
 from legitseg.evaluate.truth import (
     PIL_READ_ERRORS,
     check_grade_range,
     read_grades,
     read_label_map,
+    severity_csv_for,
     truth_files,
 )
 from legitseg.images.sources import OUT_MARKER
@@ -44,7 +46,6 @@ from legitseg.output.writers import RECORDS, scan_records
 
 log = logging.getLogger(__name__)
 
-SEVERITY_CSV = "severity.csv"
 UNRECORDED = "unrecorded"  # settings key of format-1 records, which carry no settings digest
 METRICS = ("dice", "iou", "precision", "recall")
 
@@ -131,10 +132,13 @@ class ModelEvaluation:
     weights_sha256: set[str] = field(default_factory=set)
     truth: Path | None = None                                      # folder or CSV scored against
     settings: dict[str, list[str]] = field(default_factory=dict)  # settings digest -> images scored
+    uncertainty: dict[str, dict[str, Any]] = field(default_factory=dict)  # image -> recorded measures
 
     def add_provenance(self, image: str, entry: ModelEntry) -> None:
         if entry.weights_sha256:
             self.weights_sha256.add(entry.weights_sha256)
+        if isinstance(entry.uncertainty, dict):
+            self.uncertainty[image] = entry.uncertainty
         self.settings.setdefault(entry.settings or UNRECORDED, []).append(image)
 
     @property
@@ -302,6 +306,7 @@ class Evaluation:
     models: dict[str, ModelEvaluation]
     images: int
     adequacy: dict[str, bool] = field(default_factory=dict)  # image -> verdict of a quality: policy
+    stats: StatsOptions = field(default_factory=StatsOptions)  # failure cut, bootstrap, subgroups
 
     @property
     def problems(self) -> int:
@@ -332,7 +337,8 @@ def _check_settings(ev: ModelEvaluation, out: Path) -> None:
 
 
 def evaluate(out: Path, truth: Path, models: list[str] | None = None,
-             severity_csv: Path | None = None, allow_mixed_settings: bool = False) -> Evaluation:
+             severity_csv: Path | None = None, allow_mixed_settings: bool = False,
+             stats: StatsOptions | None = None) -> Evaluation:
     """Score OUT against the ground-truth folder.
 
     `truth/<model>/` holds label maps for segmentation models; severity models are scored
@@ -367,7 +373,7 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
         if task == "segmentation" and (truth / model).is_dir():
             result[model] = _evaluate_segmentation(out, records, model, truth / model)
         elif task == "severity":
-            csv_path = _severity_csv(truth, model, severity_csv)
+            csv_path = severity_csv_for(truth, model, severity_csv)
             if csv_path is not None:
                 result[model] = _evaluate_severity(records, model, csv_path)
         if model not in result:
@@ -380,17 +386,4 @@ def evaluate(out: Path, truth: Path, models: list[str] | None = None,
                          f"and no severity CSV")
     from legitseg.evaluate.adequacy import adequacy_of
 
-    return Evaluation(out, truth, result, len(records), adequacy_of(records))
-
-
-def _severity_csv(truth: Path, model: str, explicit: Path | None) -> Path | None:
-    """The true grades of `model`: an explicit --severity-csv wins over the folder's files."""
-    own = truth / f"{model}.csv"
-    if explicit is not None:
-        if own.is_file():
-            log.warning("%s is not used for model %s: --severity-csv %s was given", own, model, explicit)
-        return explicit
-    for path in (own, truth / SEVERITY_CSV):
-        if path.is_file():
-            return path
-    return None
+    return Evaluation(out, truth, result, len(records), adequacy=adequacy_of(records), stats=stats or StatsOptions())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from PIL import Image
 
 from legitseg.errors import ImageError, UsageError
 from legitseg.images.sources import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+SEVERITY_CSV = "severity.csv"  # true grades of every severity model without its own <model>.csv
 
 LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff")  # lossless formats that hold class indices exactly
 # Pillow refuses images it thinks are decompression bombs (DecompressionBombError, not an
@@ -155,3 +159,16 @@ def check_grade_range(path: Path, grades: dict[str, TrueGrade], model: str, clas
         if g.grade >= classes:
             raise UsageError(f"{path}:{g.line}: true grade {g.grade} of {image!r} is outside 0..{classes - 1}, "
                              f"the grades of severity model {model}")
+
+
+def severity_csv_for(truth: Path, model: str, explicit: Path | None) -> Path | None:
+    """The true grades of `model`: an explicit --severity-csv wins over the folder's files."""
+    own = truth / f"{model}.csv"
+    if explicit is not None:
+        if own.is_file():
+            log.warning("%s is not used for model %s: --severity-csv %s was given", own, model, explicit)
+        return explicit
+    for path in (own, truth / SEVERITY_CSV):
+        if path.is_file():
+            return path
+    return None

@@ -23,6 +23,8 @@ import torch
 
 from legitseg.images.geometry import blend_window, content_slices, tile_boxes
 from legitseg.inference.activation import activation
+from legitseg.inference.uncertainty import MEMBERS_ATTR, MemberStats
+from legitseg.manifest.referral import uncertainty_on
 
 if TYPE_CHECKING:
     from legitseg.inference.runners import Runner
@@ -126,6 +128,9 @@ class ModeRunner:
             return self.members[0].logits(arrays)
         jobs = [(i, v, view_array(a, v)) for i, a in enumerate(arrays) for v in self.views]
         total: list[torch.Tensor | None] = [None] * len(arrays)
+        # With uncertainty on, the views' spread and disagreement (docs/uncertainty.md).
+        stats = ([MemberStats(self.loaded.spec) for _ in arrays]
+                 if self.averaged > 1 and uncertainty_on(self.loaded.spec) else None)
         for k, y in self._outputs([x for _, _, x in jobs], len(arrays)):
             i, v, _ = jobs[k]
             y = invert_view(y, v)
@@ -133,10 +138,15 @@ class ModeRunner:
                 total[i] = y
                 continue
             p = activation(y.float(), self.loaded.spec, dim=0)
+            if stats is not None:
+                stats[i].add(p)
             total[i] = p if total[i] is None else total[i].add_(p)
         if self.averaged == 1:
             return total  # type: ignore[return-value]
-        return [to_logits_(p.div_(self.averaged), self.loaded.spec) for p in total]  # type: ignore[union-attr]
+        out = [to_logits_(p.div_(self.averaged), self.loaded.spec) for p in total]  # type: ignore[union-attr]
+        for y, s in zip(out, stats or (), strict=False):
+            setattr(y, MEMBERS_ATTR, s.result())  # read by postprocessing: uncertainty.members_of
+        return out
 
     def _outputs(self, inputs: list[np.ndarray], chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(index into inputs, output cropped to the input's content) for every member in turn.

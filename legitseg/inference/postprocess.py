@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from legitseg.inference import uncertainty
 from legitseg.inference.activation import activation, activation_
+from legitseg.manifest.referral import uncertainty_on
 from legitseg.output.records import SegmentationResult, SeverityResult
 
 if TYPE_CHECKING:
@@ -31,12 +33,15 @@ def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
     logit at which the float32 sigmoid crosses the threshold, and a multi-class mask is
     the argmax of the logits (softmax keeps the order). So no full-size probability map
     is made unless probabilities are kept. Tile mode's logits are made for this call at
-    the original size and are used (and activated) in place.
+    the original size and are used (and activated) in place. A model with uncertainty on
+    keeps its probabilities: the measures are computed from them (docs/uncertainty.md).
     """
+    keep_probabilities = keep_probabilities or uncertainty_on(spec)
+    members = uncertainty.members_of(logits)
     if logits.device.type != "cpu":
         mask_t, probs_t = segmentation_on_device(logits, size, spec, keep_probabilities)
         return finish_segmentation(mask_t.cpu().numpy(), None if probs_t is None else probs_t.cpu().numpy(),
-                                   size, spec)
+                                   size, spec, members)
     with torch.inference_mode():
         up = logits if _in_place(logits, size, spec) else upsample(logits, size)
         # numpy: no OpenMP team from a pool thread, and a fast argmax
@@ -47,7 +52,7 @@ def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
         if keep_probabilities:
             prob = activation_(up, spec) if up is logits else activation(up, spec, dim=0)
             probs = prob.to(torch.float16).numpy()
-    return finish_segmentation(mask, probs, size, spec)
+    return finish_segmentation(mask, probs, size, spec, members)
 
 
 def _in_place(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec) -> bool:
@@ -60,6 +65,7 @@ def segmentation_on_device(logits: torch.Tensor, size: tuple[int, int], spec: Mo
     """The device half of `segmentation` for the GPU: (mask, float16 probabilities or None), both
     still on the device, so that a whole batch comes back in one copy. Same arithmetic as
     `segmentation` on a device tensor; `finish_segmentation` does the rest on the host."""
+    keep_probabilities = keep_probabilities or uncertainty_on(spec)
     with torch.inference_mode():
         up = logits if _in_place(logits, size, spec) else upsample(logits, size)
         if spec.classes == 1:
@@ -74,8 +80,9 @@ def segmentation_on_device(logits: torch.Tensor, size: tuple[int, int], spec: Mo
 
 
 def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[int, int],
-                        spec: ModelSpec) -> SegmentationResult:
-    """Areas and regions of a finished mask (H, W) on the host."""
+                        spec: ModelSpec, members: dict | None = None) -> SegmentationResult:
+    """Areas and regions of a finished mask (H, W) on the host; with uncertainty on, its
+    measures (`members`: those of the views/members, `uncertainty.members_of`)."""
     if mask.dtype == np.int32:
         mask = mask.astype(np.uint16)
     total = size[0] * size[1]
@@ -88,7 +95,9 @@ def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[
     area = {labels[i]: counts[i] / total for i in range(1, len(labels))}
     components = {labels[i]: count_components(mask, i, binary=spec.classes == 1) if counts[i] else 0
                   for i in range(1, len(labels))}
-    return SegmentationResult(mask, probs, area, components)
+    result = SegmentationResult(mask, probs, area, components)
+    uncertainty.annotate(result, spec, members)
+    return result
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -165,7 +174,7 @@ def severity(logits: torch.Tensor, spec: ModelSpec) -> SeverityResult:
     """One image's logits (classes,) -> probabilities, grade (argmax) and score (expected class value)."""
     with torch.inference_mode():
         p = activation(logits.float(), spec, dim=0).cpu().numpy()
-    return finish_severity(p, spec)
+    return finish_severity(p, spec, uncertainty.members_of(logits))
 
 
 def severity_on_device(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -174,8 +183,10 @@ def severity_on_device(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
         return activation(logits.float(), spec, dim=0)
 
 
-def finish_severity(probabilities: np.ndarray, spec: ModelSpec) -> SeverityResult:
+def finish_severity(probabilities: np.ndarray, spec: ModelSpec, members: dict | None = None) -> SeverityResult:
     """Grade (argmax) and score (expected class value) from float32 probabilities (classes,)."""
     p = probabilities.astype(np.float64)
     values = np.asarray(spec.values, dtype=np.float64)
-    return SeverityResult([float(v) for v in p], int(p.argmax()), float((p * values).sum()))
+    result = SeverityResult([float(v) for v in p], int(p.argmax()), float((p * values).sum()))
+    uncertainty.annotate(result, spec, members)
+    return result

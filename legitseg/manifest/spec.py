@@ -27,6 +27,7 @@ from legitseg.errors import ManifestError, UsageError
 from legitseg.manifest.colours import check_colors, check_labels, parse_colors
 from legitseg.manifest.modes import check_ensemble, check_modes, check_tile_size, expand_tta
 from legitseg.manifest.quality import QualityPolicy
+from legitseg.manifest.referral import ReferPolicy, check_referral
 from legitseg.manifest.safe_yaml import load_yaml, non_finite, short
 from legitseg.manifest.smp_names import ARCHITECTURES, ENCODERS
 
@@ -104,6 +105,9 @@ class ModelSpec(BaseModel):
     blend: Literal["gaussian", "constant"] = "gaussian"
     # Overlay colour per label name (`run --overlay`): "#rrggbb" or [r, g, b]; others from the default palette.
     colors: dict[str, tuple[int, int, int]] | None = None
+    # Per-image uncertainty measures, and a referral policy on one of them (docs/uncertainty.md).
+    uncertainty: bool = False
+    refer: ReferPolicy | None = None
 
     @field_validator("name")
     @classmethod
@@ -222,6 +226,7 @@ class ModelSpec(BaseModel):
             raise ValueError(f"'input_size' [height, width] is required when resize is '{self.resize}'")
         check_modes(self, given)
         check_ensemble(self)
+        check_referral(self)
         if self.normalize is not None and len(self.normalize.mean) != self.in_channels:
             raise ValueError(
                 f"normalize has {len(self.normalize.mean)} channels but in_channels is {self.in_channels}"

@@ -35,6 +35,9 @@ _ENTRY_ROW_FIELDS = CSV_FIELDS[3:12]
 # Columns added to every row when the record has a `quality` block (a `quality:` policy ran):
 # scores.* of a run without one keep CSV_FIELDS only (docs/quality.md).
 QUALITY_FIELDS = ("adequate", "quality_reasons", "quality_measures")
+# Row columns of models with uncertainty on (docs/uncertainty.md); scores.csv has them only
+# when a row does, so outputs without uncertainty keep their columns.
+UNCERTAINTY_FIELDS = ("uncertainty", "refer")
 # Error kinds. A failure of one of these kinds repeats on the same bytes with the same
 # model; a rerun skips such an image unless asked to retry (`--retry-failed`).
 DETERMINISTIC_ERRORS = frozenset({"image", "postprocess"})
@@ -46,6 +49,17 @@ class RecordError(ValueError):
     """A record file that is not a legitseg record."""
 
 
+def _judged(uncertainty: dict[str, Any] | None, referral: dict[str, Any] | None) -> dict[str, Any]:
+    """The uncertainty measures and the refer policy's verdict, as entry fields (when computed)."""
+    out: dict[str, Any] = {}
+    if uncertainty is not None:
+        out["uncertainty"] = uncertainty
+    if referral is not None:
+        out["refer"] = bool(referral["refer"])
+        out["referral"] = {k: v for k, v in referral.items() if k != "refer"}
+    return out
+
+
 # A result owns its formats: `values` go into record entries (hence rows) and API objects,
 # `arrays` into API objects only, `files` are written under the entry field that names them
 # (`writers.FILES` says where and how). Nothing else maps a result's fields.
@@ -55,9 +69,12 @@ class SegmentationResult:
     probabilities: np.ndarray | None  # (C, H, W) float16 when kept
     area_fraction: dict[str, float]
     components: dict[str, int]
+    uncertainty: dict[str, Any] | None = None  # measures, with uncertainty on
+    referral: dict[str, Any] | None = None  # refer policy's verdict: refer, measure, value, above
 
     def values(self) -> dict[str, Any]:
-        return {"area_fraction": self.area_fraction, "components": self.components}
+        return {"area_fraction": self.area_fraction, "components": self.components,
+                **_judged(self.uncertainty, self.referral)}
 
     def arrays(self) -> dict[str, Any]:
         return {"mask": self.mask, "probabilities": self.probabilities}
@@ -75,9 +92,12 @@ class SeverityResult:
     probabilities: list[float]
     grade: int
     score: float
+    uncertainty: dict[str, Any] | None = None
+    referral: dict[str, Any] | None = None
 
     def values(self) -> dict[str, Any]:
-        return {"score": self.score, "grade": self.grade, "probabilities": self.probabilities}
+        return {"score": self.score, "grade": self.grade, "probabilities": self.probabilities,
+                **_judged(self.uncertainty, self.referral)}
 
     def arrays(self) -> dict[str, Any]:
         return {}
@@ -184,6 +204,11 @@ class ModelEntry:
     # Label -> "#rrggbb" the overlay was drawn with: a later `colors:` change must not
     # relabel an overlay drawn before it. None without an overlay, and in older records.
     overlay_colors: dict[str, str] | None = None
+    # Uncertainty measures (with `uncertainty: true` or a `refer:` policy) and the policy's
+    # verdict: `refer` true/false, `referral` {measure, value, above}. None otherwise.
+    uncertainty: dict[str, Any] | None = None
+    refer: bool | None = None
+    referral: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields of newer versions, kept as read
 
     @property
@@ -205,7 +230,7 @@ class ModelEntry:
             out["backend"] = self.backend
             out["parity"] = self.parity
         for key in ("mask", "probability_map", "area_fraction", "components", "score", "grade", "probabilities",
-                    "overlay", "overlay_colors"):
+                    "overlay", "overlay_colors", "uncertainty", "refer", "referral"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -313,7 +338,7 @@ class ImageRecord:
                 continue
             data = entry.to_json()
             row = {"image": self.image, "model": model, "status": entry.status}
-            for key in _ENTRY_ROW_FIELDS:
+            for key in _ENTRY_ROW_FIELDS + UNCERTAINTY_FIELDS:
                 if data.get(key) is not None:
                     row[key] = data[key]
             run_id = self.producer(model)

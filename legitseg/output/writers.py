@@ -38,6 +38,7 @@ from legitseg.output.records import (  # noqa: F401 - ModelInfo is imported from
     CSV_FIELDS,
     FORMAT_VERSION,
     QUALITY_FIELDS,
+    UNCERTAINTY_FIELDS,
     ImageRecord,
     ImageResult,
     ModelEntry,
@@ -141,14 +142,16 @@ def write_summaries(out: Path, records: Iterable[ImageRecord], current_run: str 
     jsonl = io.StringIO()
     table = io.StringIO()
     records = list(records)
-    # Quality columns only where a `quality:` policy ran, so scores.csv without one stays as it was.
-    fields = CSV_FIELDS + QUALITY_FIELDS if any(r.quality is not None for r in records) else CSV_FIELDS
-    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    rows = [row for record in records for row in record.rows(current_run=current_run)]
+    # Quality and uncertainty columns only where a policy or the option ran, so scores.csv
+    # without them stays as it was (docs/quality.md, docs/uncertainty.md).
+    extra = QUALITY_FIELDS if any(r.quality is not None for r in records) else ()
+    extra += tuple(k for k in UNCERTAINTY_FIELDS if any(k in row for row in rows))
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS + extra, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for record in records:
-        for row in record.rows(current_run=current_run):
-            jsonl.write(dumps(row, ensure_ascii=False) + "\n")
-            writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+    for row in rows:
+        jsonl.write(dumps(row, ensure_ascii=False) + "\n")
+        writer.writerow({k: dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
     atomic_write(out / "scores.jsonl", jsonl.getvalue().encode("utf-8", "backslashreplace"))
     atomic_write(out / "scores.csv", table.getvalue().encode("utf-8", "backslashreplace"))
 
