@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import torch
 
-from legitseg.engines.stages import Stages
 from legitseg.errors import ImageError
 from legitseg.images import device_decode
 from legitseg.images.decode import decode_rgb, prepared
@@ -31,6 +31,9 @@ from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.device_memory import free_memory, out_of_memory
 from legitseg.images.naming import source_key
 from legitseg.output.records import ImageResult, ModelOutput
+
+if TYPE_CHECKING:  # handed in by the engine: one floor less on the import path
+    from legitseg.engines.stages import Stages
 
 log = logging.getLogger(__name__)
 
