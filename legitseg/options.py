@@ -103,22 +103,25 @@ def default_writers(device_type: str) -> int:
     the bottleneck: measured on an H200 with 16 cores (docs/benchmarks.md), going from
     2 to 8 writers raised DeepLabV3Plus+efficientnet-b2 @512 fp16 from 160 to 190 img/s.
     With JPEG decode and postprocessing on the GPU the cores are left to PNG encoding
-    and writes (OpenCV and file I/O release the GIL), so on a GPU there is one per core
-    but two, up to 16.
+    and writes (OpenCV and file I/O release the GIL). The threads are sized to the cores
+    (docs/architecture.md): the main thread and nvJPEG's take two, the decode workers a
+    quarter (`default_workers`), and the postprocessing and the writer pools (this many each)
+    share the rest.
     """
     if device_type == "cuda":
-        return max(2, min(16, (os.cpu_count() or 1) - 2))
+        cores = os.cpu_count() or 1
+        return max(2, (cores - 2 - default_workers("cuda")) // 2)
     return 2
 
 
 def default_batch_size(device_type: str) -> int:
-    return 16 if device_type == "cuda" else 4
+    return 32 if device_type == "cuda" else 4
 
 
 def default_workers(device_type: str) -> int:
     cores = os.cpu_count() or 1
-    if device_type == "cuda":
-        return max(2, min(12, cores - 2))
+    if device_type == "cuda":  # with nvJPEG the workers only read, hash and check headers
+        return max(2, cores // 4)
     # On the CPU the forward pass wants the cores; one or two decode threads keep it fed.
     return max(1, min(4, cores // 2))
 

@@ -321,3 +321,58 @@ def test_new_tf32_api_on_cuda_runs_ieee_fp32_and_is_restored(setup, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, "tf32"]
     math = json.loads((tmp_path / "out" / "run.json").read_text())["math"]
     assert math["convolution_fp32"] == "ieee" and math["matmul_fp32"] == "ieee"
+
+
+# -- main-thread work (issue 25 item 6; CPU twins in tests/test_engine_stages.py) -----------------------
+def test_decoding_ahead_on_another_thread_while_kernels_run_gives_a_quiet_decodes_pixels(tmp_path):
+    """nvJPEG on a thread of its own while the compute stream runs behind; `ready` on this thread
+    orders compute after it: the pixels equal a quiet decode's, the queued reductions are untouched."""
+    import threading
+
+    from legitseg.images import device_decode
+    from tests.images import picture, save
+
+    cuda = torch.device("cuda")
+    files = [save(tmp_path / f"{i}.jpg", picture(768, 1024, i), quality=90) for i in range(8)]
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
+    quiet = [image.cpu() for image in device_decode.decode(encoded, cuda)]
+    cycles = int(torch.cuda.get_device_properties(cuda).clock_rate * 1000 * 0.05)
+    for trial in range(20):
+        held = [torch.full((3, 768, 1024), k + 1, dtype=torch.uint8, device=cuda) for k in range(8)]
+        torch.cuda._sleep(cycles)
+        sums = [t.sum(dtype=torch.int64) for t in held]
+        del held
+        box = {}
+        worker = threading.Thread(target=lambda box=box: box.update(out=device_decode.decode_ahead(encoded, cuda)))
+        worker.start()
+        worker.join()
+        images, marker = box["out"]
+        device_decode.ready(images, marker, cuda)
+        checks = [image.sum(dtype=torch.int64) for image in images]  # queued on compute, after the wait
+        assert [int(s) for s in sums] == [(k + 1) * 3 * 768 * 1024 for k in range(8)], trial
+        assert [int(c) for c in checks] == [int(q.sum(dtype=torch.int64)) for q in quiet], trial
+
+
+@pytest.mark.parametrize("classes", [1, 4, 300])
+def test_counts_on_the_device_equal_the_hosts_without_a_synchronisation(classes, recwarn):
+    import warnings
+    from types import SimpleNamespace
+
+    from legitseg.inference import postprocess
+
+    spec = SimpleNamespace(classes=classes, label_names=["bg", *[f"c{i}" for i in range(1, max(2, classes))]])
+    dtype = torch.uint8 if classes <= 256 else torch.int32
+    mask = torch.randint(0, max(2, classes), (3000, 4000), device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            counts = postprocess.counts_on_device(mask, spec)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchroniz" in str(w.message)]
+    host = mask.cpu().numpy()
+    want = ([host.size - int(np.count_nonzero(host)), int(np.count_nonzero(host))] if classes == 1
+            else np.bincount(host.ravel().astype(np.int64), minlength=classes).tolist())
+    assert counts.cpu().tolist() == want

@@ -161,13 +161,13 @@ def test_batched_postprocessing_gives_the_cpu_path_results_exactly(runners, fold
 def test_device_decode_path_agrees_with_the_cpu_path(runners, folder, monkeypatch):
     """Whole engine with JPEGs decoded, turned and resized 'on the device' (CPU tensors here)."""
     plain = {r.name: r for r in _engine(runners, batched_post=False, device_decode=False).process(_sources(folder))}
-    real, calls = device_decode.decode, []
+    real, calls = device_decode._decode, []
 
     def counting(encoded, device):
         calls.append(len(encoded))
         return real(encoded, device)
 
-    monkeypatch.setattr(device_decode, "decode", counting)
+    monkeypatch.setattr(device_decode, "_decode", counting)
     engine = _engine(runners, batched_post=True, device_decode=True)
     device = {r.name: r for r in engine.process(_sources(folder))}
     # the eight orientations and the broken one went to the device decoder, in batches of at most 3
@@ -211,7 +211,7 @@ def test_device_decode_is_off_where_the_device_cannot_make_the_input(runners, mo
 
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkeypatch):
     """nvJPEG refusing a file (None from `decode`) costs only that file a CPU decode: same result."""
-    real = device_decode.decode
+    real = device_decode._decode
 
     def refusing(encoded, device):
         out = real(encoded, device)
@@ -219,7 +219,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkey
 
     sources = [s for s in _sources(folder) if s.name in ("turn2.jpg", "turn3.jpg")]
     plain = list(_engine(runners, batched_post=True, device_decode=False).process(sources))
-    monkeypatch.setattr(device_decode, "decode", refusing)
+    monkeypatch.setattr(device_decode, "_decode", refusing)
     fallback = list(_engine(runners, batched_post=True, device_decode=True).process(sources))
     def probs(results, k):
         return results[k].outputs["binary"].result.probabilities
@@ -285,7 +285,7 @@ def test_a_faster_variant_that_changes_results_is_not_used(runners, tmp_path, mo
 
 
 def test_a_device_decoder_that_refuses_everything_is_given_up_for_the_cpu(runners, folder, monkeypatch, caplog):
-    monkeypatch.setattr(device_decode, "decode", lambda encoded, device: [None] * len(encoded))
+    monkeypatch.setattr(device_decode, "_decode", lambda encoded, device: [None] * len(encoded))
     sources = [s for s in _sources(folder) if s.name.startswith("turn")]
     engine = _engine(runners, batched_post=True, device_decode=True)
     results = list(engine.process(sources))

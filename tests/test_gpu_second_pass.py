@@ -92,8 +92,12 @@ class Recorder(device_decode.Streams):
             self.now = before
             self.log.append(("leave", stream))
 
-    def wait(self, waiting, stream):
-        self.log.append(("wait", waiting, stream))
+    def mark(self, stream):
+        self.log.append(("mark", stream))
+        return f"end of {stream}"
+
+    def wait(self, waiting, event):
+        self.log.append(("wait", waiting, event))
 
     def used_by(self, tensor, stream):
         self.log.append(("used_by", id(tensor), stream))
@@ -109,8 +113,20 @@ def test_the_device_decode_runs_on_a_side_stream_that_compute_then_waits_for(fol
     monkeypatch.setattr(device_decode, "_decode", decoding)
     data = [torch.frombuffer(bytearray((folder / f"p{i}.jpg").read_bytes()), dtype=torch.uint8) for i in range(3)]
     images = device_decode.decode(data, torch.device("cpu"), recorder)
-    assert recorder.log == [("enter", "side"), ("decode", "side"), ("leave", "side"), ("wait", "compute", "side"),
-                            *[("used_by", id(image), "compute") for image in images]]
+    assert recorder.log == [("enter", "side"), ("decode", "side"), ("leave", "side"), ("mark", "side"),
+                            ("wait", "compute", "end of side"), *[("used_by", id(image), "compute") for image in images]]
+
+
+def test_decoding_ahead_leaves_the_compute_stream_alone_until_the_images_are_used(folder, monkeypatch):
+    """The decode-ahead thread queues nothing on the compute stream: the compute thread's `ready` does,
+    when it is about to use the images (a wait queued earlier would hold up the batch being launched)."""
+    recorder = Recorder()
+    data = [torch.frombuffer(bytearray((folder / f"p{i}.jpg").read_bytes()), dtype=torch.uint8) for i in range(2)]
+    images, marker = device_decode.decode_ahead(data, torch.device("cpu"), recorder)
+    assert [entry[0] for entry in recorder.log] == ["enter", "leave", "mark"]
+    assert all(entry[-1] != "compute" for entry in recorder.log)
+    device_decode.ready(images, marker, torch.device("cpu"), recorder)
+    assert recorder.log[3:] == [("wait", "compute", "end of side"), *[("used_by", id(i), "compute") for i in images]]
 
 
 def test_a_decode_out_of_memory_is_raised_before_compute_is_told_anything(folder, monkeypatch):
@@ -179,24 +195,24 @@ def test_a_forward_out_of_memory_that_passes_after_emptying_the_cache_keeps_the_
 
 def test_a_decode_out_of_memory_decodes_that_batch_on_the_cpu_in_the_decode_pool(runners, folder, monkeypatch,
                                                                                  caplog):
-    from legitseg.engines.local import Engine
+    from legitseg.engines.device_inputs import DeviceInputs
 
     plain = _probabilities(_engine(runners, device_decode=False).process(_sources(folder)))
     calls, threads = [], []
-    real_cpu = Engine._decode_on_cpu
+    real_cpu, real_decode = DeviceInputs.decode_on_cpu, device_decode._decode
 
     def out_of_memory_first(encoded, device):
         calls.append(len(encoded))
         if len(calls) <= 2:  # the first batch: out of memory, and again after emptying the cache
             raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 5")
-        return device_decode._decode(encoded, device)
+        return real_decode(encoded, device)
 
     def cpu(self, item):
         threads.append(threading.current_thread().name)
         return real_cpu(self, item)
 
-    monkeypatch.setattr(device_decode, "decode", out_of_memory_first)
-    monkeypatch.setattr(Engine, "_decode_on_cpu", cpu)
+    monkeypatch.setattr(device_decode, "_decode", out_of_memory_first)
+    monkeypatch.setattr(DeviceInputs, "decode_on_cpu", cpu)
     engine = _engine(runners)
     got = _probabilities(engine.process(_sources(folder)))
     assert got.keys() == plain.keys()
@@ -210,15 +226,15 @@ def test_a_decode_out_of_memory_decodes_that_batch_on_the_cpu_in_the_decode_pool
 
 def test_out_of_memory_moving_inputs_to_the_device_halves_the_batch(runners, folder, monkeypatch):
     """Room for one image's inputs at a time: pinning the second raises; the batch goes in halves, then ones."""
-    from legitseg.engines.local import Engine
+    from legitseg.engines.device_inputs import DeviceInputs
 
     plain = _probabilities(_engine(runners, device_decode=False).process(_sources(folder)))
     held = [0]
-    real_to_device, real_orient = Engine._to_device, device_decode.orient
+    real_to_device, real_orient = DeviceInputs._to_device, device_decode.orient
 
-    def to_device(self, batch):
+    def to_device(self, batch, decoded, pool):
         held[0] = 0
-        return real_to_device(self, batch)
+        return real_to_device(self, batch, decoded, pool)
 
     def orient(image, turn):
         held[0] += 1
@@ -226,7 +242,7 @@ def test_out_of_memory_moving_inputs_to_the_device_halves_the_batch(runners, fol
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 MiB")
         return real_orient(image, turn)
 
-    monkeypatch.setattr(Engine, "_to_device", to_device)
+    monkeypatch.setattr(DeviceInputs, "_to_device", to_device)
     monkeypatch.setattr(device_decode, "orient", orient)
     engine = _engine(runners)
     results = list(engine.process(_sources(folder)))
@@ -255,13 +271,13 @@ def test_an_image_that_does_not_fit_even_alone_fails_alone(runners, folder, monk
 # -- item 5: the decoded size is checked against the header's ------------------------------------------
 def test_a_gpu_decode_of_another_size_is_decoded_on_the_cpu_instead(runners, folder, monkeypatch, caplog):
     plain = _probabilities(_engine(runners, device_decode=False).process(_sources(folder)))
-    real = device_decode.decode
+    real = device_decode._decode
 
     def cropping(encoded, device):
         return [image[:, :-2] if image is not None and image.shape[-1] == 62 else image  # p1.jpg loses 2 rows
                 for image in real(encoded, device)]
 
-    monkeypatch.setattr(device_decode, "decode", cropping)
+    monkeypatch.setattr(device_decode, "_decode", cropping)
     got = _probabilities(_engine(runners).process(_sources(folder)))
     assert got.keys() == plain.keys()
     assert np.array_equal(got["p1.jpg"], plain["p1.jpg"])  # OpenCV's pixels, exactly

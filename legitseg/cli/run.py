@@ -103,7 +103,7 @@ def run(
     manifest: ManifestOpt = None,
     models: Annotated[str | None, typer.Option("--models", help="Comma-separated model names [default: all]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass [default: 16 on CUDA, 4 on CPU]")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass [default: 32 on CUDA, 4 on CPU]")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode threads; 0 decodes inline [default: by device and cores]")] = None,
     precision: Annotated[str, typer.Option(help="fp32 (IEEE fp32 math) | tf32 (CUDA only) | fp16 (CUDA only) | bf16")] = "fp32",
     backend: Annotated[str | None, typer.Option(

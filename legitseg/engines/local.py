@@ -1,11 +1,12 @@
-"""The local engine: decode workers -> batches -> forward passes -> postprocessing.
+"""The local engine: the scheduler that runs the stages (engines/stages.py) over threads.
 
 Yields one `ImageResult` per source, in input order; what becomes of it (files,
-records) is a sink's business. Three stages overlap, each bounded so memory does
+records) is a sink's business. The stages overlap, each bounded so memory does
 not grow with the number of images: a decode pool with a fixed window of images
-in flight, the forward passes on the calling thread, and a small postprocessing
-pool with a fixed number of queued images. One decode serves every selected
-model (SPEC 4.5).
+in flight; on a GPU with nvJPEG, a decode-ahead thread that decodes the next batch's
+JPEGs while this one computes; the forward passes on the calling thread; and a small
+postprocessing pool with a fixed number of queued images. One decode serves every
+selected model.
 """
 
 from __future__ import annotations
@@ -16,41 +17,21 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
-import cv2
-import torch
-
+from legitseg.engines.device_inputs import Decoded, DeviceInputs
 from legitseg.engines.profile import Profile
-from legitseg.engines.transfer import Pending, Transfer
-from legitseg.errors import ImageError, RuntimeFailure
+from legitseg.engines.stages import PHOTO, Stages, decode, inadequate
+from legitseg.errors import ImageError
 from legitseg.images import device_decode as device_decode_module
-from legitseg.images.decode import load_image
-from legitseg.images.decoded import DecodedImage, Prep
-from legitseg.images.device_memory import free_memory, out_of_memory
-from legitseg.images.naming import source_key
-from legitseg.images.pixels import PixelSource
+from legitseg.images.decoded import DecodedImage
 from legitseg.images.sources import Source
-from legitseg.inference import postprocess, uncertainty
 from legitseg.inference.runners import Runner
 from legitseg.output.records import ImageResult, ModelOutput
 
 log = logging.getLogger(__name__)
-# The decoded photograph as it is: `pad` at 3 channels returns the oriented RGB uncopied.
-PHOTO = Prep("pad", None, "linear", 3)
 
 
-@dataclass
-class Deferred:
-    """A result computed on the device whose arrays arrive with the batch's one copy to the host."""
-
-    mask: int  # index in the batch's Transfer (segmentation: the mask; severity: the probabilities)
-    probabilities: int | None = None
-    pending: Pending | None = None  # set once the batch's transfer is launched
-    members: dict | None = None  # the TTA views'/members' uncertainty measures (inference/uncertainty.py)
-
-
-class Engine(device_decode_module.DeviceInputs):
+class Engine:
     """Runs Sources through the models; `process` yields ImageResults."""
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
@@ -60,26 +41,23 @@ class Engine(device_decode_module.DeviceInputs):
         # The `quality:` policy (manifest.quality.QualityPolicy): measured on the decoded photograph
         # in the decode worker (images/quality.py), so the photograph must be on the host.
         self.quality = quality
-        self.measure_only = quality is not None and not keep_rgb  # PHOTO is dropped once measured
         self.batch_size = max(1, batch_size)
         self.workers = workers
         self.post_threads = max(1, post_threads)
-        self.save_probabilities = save_probabilities
         self.max_pixels = max_pixels
         self.stop = stop
         self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb or quality else [])))
-        self.measure_only = self.measure_only and PHOTO not in [r.prep for r in runners]
-        self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
-        # Largest batch known to fit, per model, once a batch ran out of memory.
-        self.batch_limit: dict[str, int] = {}
-        # On the GPU the resize to the original size, threshold and activation run on the device
-        # right after the forward pass, and a batch's masks come back in one copy that the
+        # With a policy only (no overlay, no model taking the photograph as is), PHOTO is dropped once measured.
+        self.measure_only = quality is not None and not keep_rgb and PHOTO not in [r.prep for r in runners]
+        self.keep_rgb = keep_rgb
+        # On the GPU the resize to the original size, threshold, counts and activation run on the
+        # device right after the forward pass, and a batch's masks come back in one copy that the
         # postprocessing pool waits for (docs/architecture.md). On the CPU postprocessing is the
         # costly part of an image and runs in the pool beside the next forward. `batched_post`
         # forces the GPU's way on the CPU (tests).
+        self.stages = Stages(runners, save_probabilities=save_probabilities, keep_rgb=keep_rgb,
+                             batched_post=batched_post)
         device = runners[0].device
-        self.batched_post = device.type == "cuda" if batched_post is None else batched_post
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Images between the forward pass and the sink: two batches on the GPU, so that the next
         # batch is launched while the last one's results are copied, counted and written.
         self.depth = 2 * max(self.post_threads, self.batch_size if self.batched_post else 0)
@@ -91,206 +69,72 @@ class Engine(device_decode_module.DeviceInputs):
             device_decode = (device.type == "cuda" and not keep_rgb and quality is None and device_decode_module.enabled()
                              and device_decode_module.supports(self.preps)
                              and all(type(r) is TorchRunner for r in runners))
-        self.device_decode = device_decode  # decode workers leave these JPEGs encoded
-        self.device_inputs = device_decode  # model inputs are device tensors (for the whole run)
-        self.upload_limit: int | None = None  # images moved to the device at once, after an out of memory
-        self._pool: ThreadPoolExecutor | None = None  # the decode pool, while `_decoded` runs
+        # With it on, model inputs are device tensors for the whole run (`inputs` moves them there).
+        self.inputs = DeviceInputs(self.stages, self.preps, device_decode=device_decode) if device_decode else None
+        self._pool: ThreadPoolExecutor | None = None  # the decode pool, while `process` runs
 
-    # -- stage 1: decode ---------------------------------------------------------------
+    # What callers and tests read of the stages.
+    @property
+    def batched_post(self) -> bool:
+        return self.stages.batched_post
+
+    @property
+    def batch_limit(self) -> dict[str, int]:
+        return self.stages.batch_limit
+
+    @property
+    def device_inputs(self) -> bool:
+        return self.inputs is not None
+
+    @property
+    def device_decode(self) -> bool:
+        """Whether decode workers leave JPEGs encoded for nvJPEG (turned off for the run if it refuses a batch)."""
+        return self.inputs is not None and self.inputs.device_decode
+
+    @property
+    def upload_limit(self) -> int | None:
+        return self.inputs.upload_limit if self.inputs is not None else None
+
+    # -- decode pool -----------------------------------------------------------------------
     def _decode(self, source: Source) -> DecodedImage | ImageError:
-        try:
-            if isinstance(source, PixelSource):  # pixels given in memory (the Python API)
-                item = source.load(self.preps, self.max_pixels)
-            else:
-                item = load_image(source, self.preps, self.max_pixels, defer_jpeg=self.device_decode)
-            if self.quality is not None:
-                from legitseg.images.quality import assess
+        item = decode(source, self.preps, self.max_pixels, defer_jpeg=self.device_decode)
+        if self.quality is not None and isinstance(item, DecodedImage):
+            from legitseg.images.quality import assess
 
-                item.quality = assess(item.inputs[PHOTO], self.quality)
-                if self.measure_only:
-                    del item.inputs[PHOTO]
-            return item
-        except ImageError as err:
-            return err
-        except Exception as err:  # noqa: BLE001 - one image must never stop the run
-            # Whatever a decoder library raises for odd data is this image's failure, recorded as such.
-            log.debug("unexpected error decoding %s", source.path, exc_info=True)
-            return ImageError(f"could not decode: {type(err).__name__}: {err}")
+            item.quality = assess(item.inputs[PHOTO], self.quality)
+            if self.measure_only:
+                del item.inputs[PHOTO]
+        return item
 
-    def _decoded(self, sources: Iterable[Source]) -> Iterator[tuple[Source, DecodedImage | ImageError]]:
-        """Decoded images in input order, at most `window` in flight."""
-        if self.workers == 0:
+    def _decoded(self, sources: Iterable[Source], pool: ThreadPoolExecutor | None
+                 ) -> Iterator[tuple[Source, DecodedImage | ImageError]]:
+        """Decoded images in input order, at most `window` in flight (inline without a pool)."""
+        if pool is None:
             for s in sources:
                 if self.stop.is_set():
                     return
                 yield s, self._decode(s)
             return
         window = max(2 * self.workers, self.batch_size + self.workers)
-        pool = self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="legitseg-decode")
         queue: deque[tuple[Source, Future]] = deque()
         it = iter(sources)
-        try:
-            while True:
-                while len(queue) < window and not self.stop.is_set():
-                    s = next(it, None)
-                    if s is None:
-                        break
-                    queue.append((s, pool.submit(self._decode, s)))
-                if not queue or self.stop.is_set():
-                    return
-                s, fut = queue.popleft()
-                yield s, fut.result()
-        finally:
-            self._pool = None
-            pool.shutdown(wait=True, cancel_futures=True)
+        while True:
+            while len(queue) < window and not self.stop.is_set():
+                s = next(it, None)
+                if s is None:
+                    break
+                queue.append((s, pool.submit(self._decode, s)))
+            if not queue or self.stop.is_set():
+                return
+            s, fut = queue.popleft()
+            yield s, fut.result()
 
-    # -- stage 2: forward ----------------------------------------------------------------
-    def _forward(self, runner: Runner, items: list[DecodedImage]) -> list[ModelOutput]:
-        """Logits per item (on the device). Same-shape inputs share a batch.
-
-        A batch that runs out of memory (`device_memory.out_of_memory`: torch's error, cuBLAS or
-        cuDNN failing to allocate) is dropped entirely (no reference to it survives the
-        retry) and the cache emptied; it is tried once more, then in halves; the size that
-        fits is kept for the rest of the run. Only an image that does not fit alone fails.
-        """
-        groups: dict[tuple, list[int]] = {}
-        # A runner that puts inputs on a canvas of its own (letterbox, tiles) batches any shapes.
-        key = getattr(runner, "batch_key", None) or (lambda a: (type(a), tuple(a.shape)))
-        for i, it in enumerate(items):
-            groups.setdefault(key(it.inputs[runner.prep]), []).append(i)
-        out: list[ModelOutput] = [ModelOutput()] * len(items)
-        for idx in groups.values():
-            pending, retried = list(idx), False
-            while pending:
-                size = min(len(pending), self.batch_limit.get(runner.name, len(pending)))
-                chunk, oom = pending[:size], False
-                try:
-                    logits = runner.logits([items[i].inputs[runner.prep] for i in chunk])
-                except Exception as err:
-                    if out_of_memory(err):
-                        oom = True  # handled outside the except block, once the traceback is released
-                    elif isinstance(err, runner.image_errors):
-                        for i in chunk:
-                            out[i] = ModelOutput.failed(f"forward pass failed: {err}", "forward")
-                        pending = pending[size:]
-                        continue
-                    else:
-                        raise
-                if not oom:
-                    for j, i in enumerate(chunk):
-                        out[i] = ModelOutput(logits=logits[j])
-                    pending, retried = pending[size:], False
-                    continue
-                free_memory(runner.device)
-                if not retried:
-                    retried = True
-                elif size == 1:
-                    out[chunk[0]] = ModelOutput.failed(
-                        f"out of memory on {runner.device} even as a batch of one", "oom")
-                    pending, retried = pending[1:], False
-                else:
-                    self.batch_limit[runner.name], retried = size // 2, False
-                    log.warning("%s: out of memory on a batch of %d; retrying with batches of %d",
-                                runner.name, size, size // 2)
-        return out
-
-    def _on_device(self, runner: Runner, output: ModelOutput, item: DecodedImage, transfer: Transfer) -> ModelOutput:
-        """Start one result's device half (resize, threshold, activation); its arrays join the batch's copy.
-
-        Out of device memory here (twice, the cache emptied between), the logits go to the
-        host and are postprocessed there.
-        """
-        spec, logits = runner.loaded.spec, output.logits
-        members = uncertainty.members_of(logits)
-        for _ in (1, 2):
-            oom = False
-            try:
-                if spec.task == "severity":
-                    return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec)),
-                                                       members=members))
-                mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
-                return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs),
-                                                   members=members))
-            except ValueError as err:
-                return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
-            except RuntimeError as err:
-                if not out_of_memory(err):
-                    raise
-                oom = True  # handled once the traceback (and what it holds) is released
-            assert oom
-            free_memory(runner.device)
-        log.warning("%s: out of memory postprocessing %s on %s; finishing it on the CPU",
-                    runner.name, item.source.display, runner.device)
-        return ModelOutput(logits=logits.cpu())
-
-    def _postprocess(self, runner: Runner, output: ModelOutput, item: DecodedImage) -> ModelOutput:
-        if output.logits is None:
-            return output
-        spec = runner.loaded.spec
-        try:
-            if isinstance(output.logits, Deferred):
-                d = output.logits
-                assert d.pending is not None
-                if spec.task == "severity":
-                    return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec, d.members))
-                probs = None if d.probabilities is None else d.pending.array(d.probabilities)
-                return ModelOutput(result=postprocess.finish_segmentation(d.pending.array(d.mask), probs,
-                                                                          item.size, spec, d.members))
-            if spec.task == "severity":
-                return ModelOutput(result=postprocess.severity(output.logits, spec))
-            return ModelOutput(result=postprocess.segmentation(output.logits, item.size, spec,
-                                                               self.save_probabilities))
-        except (ValueError, cv2.error) as err:
-            return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
-
-    def _run_batch(self, items: list[DecodedImage]) -> list[dict[str, ModelOutput]]:
-        """Forward passes of every model on a batch; on the GPU returns before the results are on the host."""
-        outputs: list[dict[str, ModelOutput]] = [{} for _ in items]
-        transfer = Transfer(self.runners[0].device, self.copy_stream) if self.batched_post else None
-        for runner in self.runners:
-            try:
-                results = self._forward(runner, items)
-            except Exception as err:
-                raise RuntimeFailure(f"{runner.name}: forward pass failed on {runner.device}: "
-                                     f"{type(err).__name__}: {err}") from err
-            for item, per_image, value in zip(items, outputs, results, strict=True):
-                if value.logits is not None:
-                    if transfer is not None:
-                        value = self._on_device(runner, value, item, transfer)
-                    elif runner.loaded.spec.task == "severity":
-                        value = self._postprocess(runner, value, item)
-                    else:
-                        value = ModelOutput(logits=value.logits.cpu())
-                per_image[runner.name] = value
-        if transfer is not None:
-            pending = transfer.launch()
-            for per_image in outputs:
-                for value in per_image.values():
-                    if isinstance(value.logits, Deferred):
-                        value.logits.pending = pending
-        return outputs
-
-    # -- stage 3: finish on the CPU --------------------------------------------------------
-    def _finish(self, item: DecodedImage, outputs: dict[str, ModelOutput]) -> ImageResult:
-        done = {r.name: self._postprocess(r, outputs[r.name], item) for r in self.runners}
-        source = item.source
-        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done,
-                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None, quality=item.quality)
-
-    def _inadequate(self, item: DecodedImage) -> ImageResult:
-        """An image the quality policy skips: no model runs; recorded with its verdict, never as failed."""
-        reasons = ", ".join(item.quality.reason_names)
-        outputs = {r.name: ModelOutput.failed(f"not run: inadequate input ({reasons})", "inadequate")
-                   for r in self.runners}
-        source = item.source
-        return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, outputs,
-                           rgb=item.inputs.get(PHOTO) if self.keep_rgb else None, quality=item.quality)
-
-    def _failed(self, source: Source, err: ImageError) -> ImageResult:
-        message = str(err)
-        outputs = {r.name: ModelOutput.failed(message, "image") for r in self.runners}
-        return ImageResult(source.display, source.name, source_key(source.path), err.sha256, None, outputs,
-                           error=message)
+    def _compute(self, batch: list[DecodedImage | ImageResult], decoded: Decoded | None) -> list[dict[str, ModelOutput]]:
+        """The batch's model outputs (device inputs first, with the GPU decoder on)."""
+        if self.inputs is not None:
+            return self.inputs.compute(batch, decoded, self._pool)
+        items = [b for b in batch if isinstance(b, DecodedImage)]
+        return self.stages.compute(items) if items else []
 
     # -- the whole stream ----------------------------------------------------------------
     def process(self, sources: Iterable[Source]) -> Iterator[ImageResult]:
@@ -306,42 +150,57 @@ class Engine(device_decode_module.DeviceInputs):
 
     def _process(self, sources: Iterable[Source], profile: Profile | None) -> Iterator[ImageResult]:
         pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="legitseg-post")
+        # The decode pool lives as long as the stream: it also decodes what the GPU decoder refused.
+        decoders = self._pool = (ThreadPoolExecutor(self.workers, thread_name_prefix="legitseg-decode")
+                                 if self.workers > 0 else None)
+        # nvJPEG runs one batch ahead on a thread (and stream) of its own, so the calling thread
+        # only launches work and the decode overlaps the previous batch's forward pass.
+        ahead = (ThreadPoolExecutor(1, thread_name_prefix="legitseg-nvjpeg")
+                 if self.inputs is not None and self.workers > 0 else None)
         queued: deque[Future] = deque()
         max_queued = self.depth
         # Decoded images wait here for a full batch; an image that failed to decode waits in its
         # place too, so results leave in input order.
         batch: list[DecodedImage | ImageResult] = []
         waiting = 0  # decoded images in `batch`
+        held: tuple[list, int, Future | None] | None = None  # a batch whose device decode runs ahead
 
         def drain(limit: int) -> Iterator[ImageResult]:
             while len(queued) > limit:
                 yield queued.popleft().result()
 
-        def flush() -> Iterator[ImageResult]:
-            nonlocal waiting
-            with profile.batch(waiting) if profile else contextlib.nullcontext():
-                outputs = iter(self._compute(batch))
-                decoded = [b for b in batch if isinstance(b, DecodedImage)]
-            if not self.keep_rgb:  # the inputs are done with (on the GPU they hold device memory)
-                for item in decoded:
-                    item.inputs = {}
-            for item in batch:
+        def launch(entries: list, count: int, decoding: Future | None) -> Iterator[ImageResult]:
+            with profile.batch(count) if profile else contextlib.nullcontext():
+                outputs = iter(self._compute(entries, decoding.result() if decoding else None))
+            for item in entries:
                 if isinstance(item, DecodedImage):
-                    queued.append(pool.submit(self._finish, item, next(outputs)))
+                    if not self.keep_rgb:  # the inputs are done with (on the GPU they hold device memory)
+                        item.inputs = {}
+                    queued.append(pool.submit(self.stages.finish, item, next(outputs)))
                 else:
                     done: Future = Future()
                     done.set_result(item)
                     queued.append(done)
                 yield from drain(max_queued)
+
+        def flush() -> Iterator[ImageResult]:
+            nonlocal waiting, held
+            entries, count = list(batch), waiting
             batch.clear()
             waiting = 0
+            if ahead is None:
+                yield from launch(entries, count, None)
+                return
+            previous, held = held, (entries, count, ahead.submit(self.inputs.decode, entries))
+            if previous is not None:
+                yield from launch(*previous)
 
         try:
-            for source, decoded in self._decoded(sources):
+            for source, decoded in self._decoded(sources, decoders):
                 if isinstance(decoded, ImageError):
-                    batch.append(self._failed(source, decoded))
+                    batch.append(self.stages.failed(source, decoded))
                 elif decoded.quality is not None and decoded.quality.skipped:
-                    batch.append(self._inadequate(decoded))
+                    batch.append(inadequate(decoded, self.runners, self.keep_rgb))
                 else:
                     batch.append(decoded)
                     waiting += 1
@@ -352,7 +211,15 @@ class Engine(device_decode_module.DeviceInputs):
                     break
             if batch and not self.stop.is_set():
                 yield from flush()
+            if held is not None:  # a batch already taken (decoding ahead) is finished, as it was without
+                previous, held = held, None
+                yield from launch(*previous)
             yield from drain(0)
         finally:
             batch.clear()
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
+            if decoders is not None:
+                self._pool = None
+                decoders.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)

@@ -60,12 +60,10 @@ def _decode(row: dict[str, Any], preps: list[Prep], max_pixels: int) -> dict[str
 
 
 def _load(source: Source, preps: list[Prep], max_pixels: int) -> DecodedImage | ImageError:
-    # The local engine's decode step, with its error handling: any decoder error is this image's.
-    from legitseg.engines.local import Engine
+    # The local engine's decode stage, with its error handling: any decoder error is this image's.
+    from legitseg.engines.stages import decode
 
-    shim = Engine.__new__(Engine)  # _decode reads only these three attributes
-    shim.preps, shim.max_pixels, shim.device_decode = preps, max_pixels, False  # decoded here, on the CPU
-    return shim._decode(source)
+    return decode(source, preps, max_pixels)  # decoded here, on the CPU
 
 
 @dataclass
@@ -113,7 +111,7 @@ def driver_runners(specs: list, device, precision: str, backend: str | None) -> 
 
 
 class _ModelActor:
-    """A Ray actor: the models on one device, running the local engine's batch code."""
+    """A Ray actor: the models on one device, running the local engine's batch step (`Stages.step`)."""
 
     def __init__(self, specs: list, backends: list[str], device: str, precision: str,
                  batch_size: int, save_probabilities: bool, max_pixels: int, threads: int):
@@ -123,7 +121,7 @@ class _ModelActor:
         # differently); the actor uses the driver's, as the local engine would.
         torch.set_num_threads(threads)
 
-        from legitseg.engines.local import Engine
+        from legitseg.engines.stages import Stages
         from legitseg.inference.registry import build_runner
         from legitseg.models.factory import load_model
 
@@ -131,24 +129,17 @@ class _ModelActor:
         runners = [build_runner(load_model(spec), dev, precision, backend)
                    for spec, backend in zip(specs, backends, strict=True)]
         self.precision = precision
-        self.engine = Engine(runners, batch_size=batch_size, workers=0, post_threads=1,
-                             save_probabilities=save_probabilities, max_pixels=max_pixels,
-                             stop=threading.Event(), device_decode=False)  # decoded by the CPU tasks
+        # The local engine's stages (decoding was done by the CPU tasks); `step` runs a batch whole.
+        self.stages = Stages(runners, save_probabilities=save_probabilities)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from legitseg.inference.torch_runner import math_mode
 
         items = [pickle.loads(b) for b in batch["item"]]
-        decoded = [x for x in items if isinstance(x, DecodedImage)]
+        entries = [x if isinstance(x, DecodedImage)
+                   else self.stages.failed(x[0], ImageError(x[1], sha256=x[2])) for x in items]
         with math_mode(self.precision):
-            outputs = iter(self.engine._run_batch(decoded) if decoded else [])
-            results = []
-            for x in items:
-                if isinstance(x, DecodedImage):
-                    results.append(self.engine._finish(x, next(outputs)))
-                else:
-                    source, message, sha256 = x
-                    results.append(self.engine._failed(source, ImageError(message, sha256=sha256)))
+            results = self.stages.step(entries)
         packed = np.empty(len(results), dtype=object)
         packed[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]
         return {"i": batch["i"], "result": packed}

@@ -56,6 +56,48 @@ def jpeg_end(data: bytes) -> int | None:
                 return None
 
 
+def jpeg_whole(data: bytes) -> bool:
+    """Whether the JPEG starting at 0 is whole: `jpeg_end(data) is not None`, mostly without its scan search.
+
+    A JPEG whose frame is coded in one scan holding every component (baseline and extended
+    sequential: nearly every camera's) and whose last two bytes are the end-of-image marker
+    is whole: entropy-coded data never holds 0xFF 0xD9, so those bytes end the scan, and a
+    file cut inside the scan cannot end with them. Such a file is known whole from its header
+    segments alone, without searching the megabytes of its scan (C-speed, but under the GIL,
+    in every decode worker). Anything else (progressive or multi-scan JPEGs, data after the
+    image such as a motion photo's video, a file cut short) is walked to its end as before.
+    """
+    if data[-2:] == b"\xff\xd9" and _one_scan(data):
+        return True
+    return jpeg_end(data) is not None
+
+
+def _one_scan(data: bytes) -> bool:
+    """Whether the segments before the first scan are whole and that scan codes every component of a
+    sequential (SOF0/SOF1) frame, ending before the file's last two bytes."""
+    n, pos, components = len(data), 2, None
+    if n < 4 or data[0] != 0xFF or data[1] != _SOI:
+        return False
+    while pos + 4 <= n:
+        if data[pos] != 0xFF or data[pos + 1] in (0xFF, _EOI, _SOI, 0x00, *_STANDALONE):
+            return False  # fill bytes, stray markers: left to the full walk
+        marker = data[pos + 1]
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        end = pos + 2 + length
+        if length < 2 or end > n - 2:
+            return False
+        if marker in (0xC0, 0xC1):
+            if components is not None or length < 8:
+                return False
+            components = data[pos + 9]
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return False  # progressive, lossless, hierarchical, arithmetic: several scans possible
+        elif marker == _SOS:
+            return components is not None and length >= 3 and data[pos + 4] == components
+        pos = end
+    return False
+
+
 # 0xFF not followed by 0x00 (a stuffed 0xFF data byte) or RST0..RST7 (restart markers).
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
@@ -96,7 +138,7 @@ def heif_header(data: bytes) -> tuple[int, int] | None:
         return None
     import pillow_heif  # imported only for ftyp files: a machine without it still reads JPEG and PNG
 
-    if not pillow_heif.is_supported(data[:64]):
+    if not pillow_heif.is_supported(bytes(data[:64])):
         return None
     heif = pillow_heif.open_heif(io.BytesIO(data))
     return heif.size

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
 from legitseg.fsio import sha256_bytes  # noqa: F401 - re-exported for the readers of images
-from legitseg.images.containers import heif_header, jpeg_end, png_end
+from legitseg.images.containers import heif_header, jpeg_whole, png_end
 from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.geometry import letterbox_size
 from legitseg.images.jpeg_plan import plan
@@ -54,11 +54,12 @@ def _os_reason(err: OSError) -> str:
     return os.strerror(err.errno) if err.errno else str(err)
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path, writable: bool = False) -> bytes:
     """The bytes of a regular file, or an ImageError saying why they cannot be had.
 
     The file is stat-ed before it is opened, and opened non-blocking and checked again,
     so a FIFO, socket or device named like an image is refused without ever blocking.
+    `writable`: read into a bytearray, which a tensor can wrap without a copy (the GPU path).
     """
     try:
         mode = os.stat(path).st_mode
@@ -87,12 +88,24 @@ def read_bytes(path: Path) -> bytes:
         if not stat.S_ISREG(mode):  # swapped for something else between stat and open
             raise ImageError(f"not a regular file ({_kind(mode)})")
         try:
-            data = f.read()
+            data = _read_writable(f) if writable else f.read()
         except OSError as err:
             raise ImageError(f"cannot read: {_os_reason(err)}") from err
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
+
+
+def _read_writable(f) -> bytearray:
+    """The rest of `f` read straight into a bytearray (no copy of the bytes afterwards)."""
+    size = os.fstat(f.fileno()).st_size
+    buf = bytearray(size + 1)  # one more: a file that grew since is read on below
+    n = f.readinto(buf)
+    if n == len(buf):
+        buf += f.read()
+    else:
+        del buf[n:]  # shrinks in place
+    return buf
 
 
 def _pillow_header(data: bytes) -> tuple[str, int, int]:
@@ -132,7 +145,7 @@ def check_header(data: bytes, max_pixels: int) -> str:
                              f"{max_pixels:,} (possible decompression bomb); not decoded") from err
         raise ImageError(f"{err} (Pillow's decompression-bomb limit); not decoded") from err
     except UnidentifiedImageError as err:
-        head = data[:16]
+        head = bytes(data[:16])
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
         raise ImageError(f"not a recognised image format (starts with {kind} {head[:8]!r})") from err
     except (OSError, ValueError, SyntaxError) as err:
@@ -145,7 +158,7 @@ def check_header(data: bytes, max_pixels: int) -> str:
             "(possible decompression bomb); not decoded"
         )
     # A JPEG cut short decodes to a half-grey picture with only a warning from libjpeg.
-    if fmt == "JPEG" and jpeg_end(data) is None:
+    if fmt == "JPEG" and not jpeg_whole(data):
         raise ImageError("truncated JPEG (the data ends before the end-of-image marker)")
     if fmt == "PNG" and png_end(data) is None:
         raise ImageError("truncated PNG (the data ends before the IEND chunk)")
@@ -240,7 +253,8 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
     back in `encoded` for a batched decode on the device (images/device_decode.py; the
     planning step, `jpeg_plan.plan`, reads only the header).
     """
-    data = read_bytes(source.path)
+    # On the GPU path a JPEG's bytes become a tensor: read writable, torch wraps them as they are.
+    data = read_bytes(source.path, writable=defer_jpeg)
     digest = sha256_bytes(data)
     try:
         fmt = check_header(data, max_pixels)
@@ -250,7 +264,7 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
                 import torch
 
                 size, turn = planned
-                return DecodedImage(source, digest, size, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                return DecodedImage(source, digest, size, encoded=torch.frombuffer(data, dtype=torch.uint8),
                                     orientation=turn)
         rgb = decode_rgb(data, fmt)
     except ImageError as err:

@@ -79,21 +79,41 @@ def segmentation_on_device(logits: torch.Tensor, size: tuple[int, int], spec: Mo
     return mask, probs
 
 
+def counts_on_device(mask: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Pixels per class of a mask, on its device (int64: background first; two for a binary mask).
+
+    What `finish_segmentation` counts on the host, computed where the mask is so that the counts
+    come back in the batch's one copy and no host thread reads the whole mask to count it.
+    No `torch.bincount`: on CUDA it reads the largest value back to the host (a synchronisation).
+    """
+    with torch.inference_mode():
+        if spec.classes == 1:
+            positive = torch.count_nonzero(mask)
+            return torch.stack([mask.numel() - positive, positive])
+        counts = torch.zeros(spec.classes, dtype=torch.int64, device=mask.device)
+        index = mask.reshape(-1).long()
+        return counts.scatter_add_(0, index, torch.ones_like(index))
+
+
 def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[int, int],
-                        spec: ModelSpec, members: dict | None = None) -> SegmentationResult:
-    """Areas and regions of a finished mask (H, W) on the host; with uncertainty on, its
-    measures (`members`: those of the views/members, `uncertainty.members_of`)."""
+                        spec: ModelSpec, members: dict | None = None,
+                        counts: np.ndarray | None = None) -> SegmentationResult:
+    """Areas and regions of a finished mask (H, W) on the host; `counts` from `counts_on_device` if given;
+    with uncertainty on, its measures (`members`: those of the views/members, `uncertainty.members_of`)."""
     if mask.dtype == np.int32:
         mask = mask.astype(np.uint16)
     total = size[0] * size[1]
-    if spec.classes == 1:
+    per_class: list[int]
+    if counts is not None:
+        per_class = counts.tolist()
+    elif spec.classes == 1:
         positive = int(np.count_nonzero(mask))
-        counts = [total - positive, positive]
+        per_class = [total - positive, positive]
     else:
-        counts = np.bincount(mask.ravel(), minlength=spec.classes).tolist()
+        per_class = np.bincount(mask.ravel(), minlength=spec.classes).tolist()
     labels = spec.label_names
-    area = {labels[i]: counts[i] / total for i in range(1, len(labels))}
-    components = {labels[i]: count_components(mask, i, binary=spec.classes == 1) if counts[i] else 0
+    area = {labels[i]: per_class[i] / total for i in range(1, len(labels))}
+    components = {labels[i]: count_components(mask, i, binary=spec.classes == 1) if per_class[i] else 0
                   for i in range(1, len(labels))}
     result = SegmentationResult(mask, probs, area, components)
     uncertainty.annotate(result, spec, members)
