@@ -124,7 +124,7 @@ def test_counts_made_on_the_device_are_the_hosts(classes):
 
     from legitseg.inference import postprocess
 
-    spec = SimpleNamespace(classes=classes, label_names=["bg", *[f"c{i}" for i in range(1, max(2, classes))]])
+    spec = SimpleNamespace(classes=classes, uncertainty=False, refer=None, label_names=["bg", *[f"c{i}" for i in range(1, max(2, classes))]])
     rng = np.random.default_rng(classes)
     if classes == 1:
         mask = (rng.random((37, 53)) > 0.7).astype(np.uint8)
