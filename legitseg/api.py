@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeAlias
 
 from legitseg._version import __version__
 from legitseg.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_SIGINT, LegitsegError, UsageError
+from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     Inputs: TypeAlias = ImageLike | Iterable[ImageLike]
 
 __all__ = ["ImageFailed", "ModelResult", "Prediction", "Predictor", "RunSummary", "run"]
-DEFAULT_MAX_PIXELS = 100_000_000  # as --max-pixels; checked against decode.DEFAULT_MAX_PIXELS by a test
 PathLike: TypeAlias = str | os.PathLike[str]
 
 
@@ -198,41 +198,33 @@ class Predictor:
                  device: str = "auto", precision: str = "fp32", backend: str | None = None,
                  batch_size: int | None = None, *, workers: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from legitseg.inference.torch_runner import check_precision, choose_device
         from legitseg.models.weights import verify_sha256
-        from legitseg.run import (
-            build_runners,
-            check_options,
-            default_batch_size,
-            default_workers,
-            default_writers,
-        )
+        from legitseg.options import Environment, check_options, resolve_device
+        from legitseg.run import build_runners
 
         check_options(device, precision, backend, batch_size, workers, max_pixels)
+        self.env = Environment.read()  # as a run reads it: once, here
         self.manifest = _manifest(manifest)
         self.specs = self.manifest.select(_names(models))
         for spec in self.specs:
             verify_sha256(spec.weights, spec.sha256, spec.name)
         self._device_arg = device
-        torch_device = choose_device(device)
-        check_precision(precision, torch_device)
-        self.device = str(torch_device)
+        chosen = resolve_device(device, precision, batch_size, workers)
+        self.device = str(chosen.device)
         self.precision = precision
         self.backend = backend
-        self.batch_size = batch_size or default_batch_size(torch_device.type)
-        self.workers = default_workers(torch_device.type) if workers is None else workers
-        self.writers = default_writers(torch_device.type)
+        self.batch_size, self.workers, self.writers = chosen.batch_size, chosen.workers, chosen.writers
         self.max_pixels = max_pixels
-        self.runners = build_runners(self.specs, torch_device, precision, backend)
+        self.runners = build_runners(self.specs, chosen.device, precision, backend, self.env.build_settings())
         self._infos = {r.name: self._info(r) for r in self.runners}
 
     @staticmethod
     def _info(runner: Any) -> dict[str, Any]:
-        from legitseg.output.records import settings_digest
+        from dataclasses import asdict
 
-        spec = runner.loaded.spec
-        return dict(task=spec.task, weights_sha256=spec.sha256, settings=settings_digest(spec),
-                    backend=runner.backend, parity=runner.parity)
+        from legitseg.run import model_info
+
+        return asdict(model_info(runner))
 
     @property
     def models(self) -> list[str]:
@@ -271,7 +263,8 @@ class Predictor:
         stop = threading.Event()
         engine = Engine(self.runners, batch_size=self.batch_size, workers=self.workers,
                         post_threads=self.writers, save_probabilities=probabilities,
-                        max_pixels=self.max_pixels, stop=stop)
+                        max_pixels=self.max_pixels, stop=stop, gpu_decode=self.env.gpu_decode,
+                        profile=self.env.profile)
         results = engine.process(sources())
         # No math mode is held across the yield: each forward pass switches TF32 for itself
         # (TorchRunner.forward), so two predict() generators of different precisions interleave safely.

@@ -26,14 +26,12 @@ from legitseg.images.sources import OUT_MARKER, Discovery, Source, discover_all
 from legitseg.manifest.spec import ModelSpec
 from legitseg.models.weights import verify_sha256
 from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are used through legitseg.run too
-    BACKENDS,
-    ENGINES,
-    PRECISIONS,
     RunConfig,
     check_options,
     default_batch_size,
     default_workers,
     default_writers,
+    resolve_device,
 )
 from legitseg.output.lock import OutputLock
 from legitseg.output.records import ImageRecord
@@ -194,26 +192,20 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
                          cfg.overlay)
     runners: list = []
     if todo and not stop.is_set():
-        if cfg.runners:
-            device = cfg.runners[0].device
-        else:
-            from legitseg.inference.torch_runner import check_precision, choose_device
-
-            device = choose_device(cfg.device)
-            check_precision(cfg.precision, device)
+        # A Predictor's runners are on their device already; else `auto` is resolved here.
+        chosen = resolve_device(str(cfg.runners[0].device) if cfg.runners else cfg.device, cfg.precision,
+                                cfg.batch_size, cfg.workers, cfg.writers)
+        device = chosen.device
+        settings.workers, settings.batch_size, settings.writers = chosen.workers, chosen.batch_size, chosen.writers
         settings.device = str(device)
-        if cfg.workers is None:
-            settings.workers = default_workers(device.type)
-        settings.batch_size = cfg.batch_size or default_batch_size(device.type)
-        settings.writers = cfg.writers or default_writers(device.type)
         if cfg.runners:
             runners = list(cfg.runners)
         elif cfg.engine == "ray":  # the actors build the runners; the driver only verifies and plans
             from legitseg.engines.ray_data import driver_runners
 
-            runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend)
+            runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend, cfg.env.build_settings())
         else:
-            runners = build_runners(cfg.models, device, cfg.precision, cfg.backend)
+            runners = build_runners(cfg.models, device, cfg.precision, cfg.backend, cfg.env.build_settings())
     if not lock.held:
         lock.acquire()
     if cfg.shard is not None:
@@ -250,13 +242,11 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, loc
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str) -> Iterator[ImageOutcome]:
-    from legitseg.inference.torch_runner import math_mode
+    from legitseg.inference.torch_runner import tf32_switch
     from legitseg.output.overlay import Style
-    from legitseg.output.records import settings_digest
-    from legitseg.output.writers import ModelInfo, Sink
+    from legitseg.output.writers import Sink
 
-    infos = [ModelInfo(r.name, r.loaded.spec.task, r.loaded.spec.sha256, settings_digest(r.loaded.spec),
-                       r.backend, r.parity) for r in runners]
+    infos = [model_info(r) for r in runners]
     writers = settings.writers or 2
     options = dict(batch_size=settings.batch_size or 1, workers=settings.workers, post_threads=writers,
                    save_probabilities=cfg.save_probabilities, max_pixels=cfg.max_pixels, stop=stop)
@@ -267,14 +257,15 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     else:
         from legitseg.engines.local import Engine
 
-        engine = Engine(runners, keep_rgb=cfg.overlay, **options)
+        engine = Engine(runners, keep_rgb=cfg.overlay, gpu_decode=cfg.env.gpu_decode, profile=cfg.env.profile,
+                        **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
     # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
     sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),
                 overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None)
     from legitseg.provenance import math_mode as effective_math
 
-    with math_mode(cfg.precision):
+    with tf32_switch(cfg.precision):
         settings.math = effective_math(settings.device or "cpu", cfg.precision)
         yield from sink.consume(engine.process(todo))
 
@@ -335,14 +326,27 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     return run_json
 
 
-def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None) -> list:
-    """Load (sha256-checked) and build one runner per model. Raises WeightsError/ManifestError (exit 3)."""
-    from legitseg.inference.registry import build_runner
+def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None,
+                  settings: Any = None) -> list:
+    """Load (sha256-checked) and build one runner per model (`settings`: registry.BuildSettings,
+    from the run's Environment). Raises WeightsError/ManifestError (exit 3)."""
+    from legitseg.inference.registry import BuildSettings, build_runner
     from legitseg.models.factory import load_model
 
+    settings = settings or BuildSettings()
     runners = []
     for spec in specs:
         loaded = load_model(spec)
-        runners.append(build_runner(loaded, device, precision, backend))
+        runners.append(build_runner(loaded, device, precision, backend, settings))
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners
+
+
+def model_info(runner: Any) -> Any:
+    """The `output.writers.ModelInfo` of a built runner: what records, rows and API results say
+    about a model besides its results (built here only)."""
+    from legitseg.output.records import settings_digest
+    from legitseg.output.writers import ModelInfo
+
+    spec = runner.loaded.spec
+    return ModelInfo(runner.name, spec.task, spec.sha256, settings_digest(spec), runner.backend, runner.parity)

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import torch
@@ -54,7 +55,8 @@ class Engine(device_decode_module.DeviceInputs):
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
                  save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False,
-                 batched_post: bool | None = None, device_decode: bool | None = None):
+                 batched_post: bool | None = None, device_decode: bool | None = None,
+                 gpu_decode: bool = True, profile: Path | None = None):
         self.runners = runners
         self.batch_size = max(1, batch_size)
         self.workers = workers
@@ -62,6 +64,7 @@ class Engine(device_decode_module.DeviceInputs):
         self.save_probabilities = save_probabilities
         self.max_pixels = max_pixels
         self.stop = stop
+        self.profile = profile  # options.Environment.profile: where the run's time went ($LEGITSEG_PROFILE)
         self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb else [])))
         self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
         # Largest batch known to fit, per model, once a batch ran out of memory.
@@ -78,11 +81,12 @@ class Engine(device_decode_module.DeviceInputs):
         # batch is launched while the last one's results are copied, counted and written.
         self.depth = 2 * max(self.post_threads, self.batch_size if self.batched_post else 0)
         # JPEGs decoded on the GPU in batches, when every model takes a plain input the device can
-        # make (images/device_decode.py); `device_decode=True` forces it on the CPU (tests).
+        # make (images/device_decode.py) and `gpu_decode` ($LEGITSEG_GPU_DECODE) allows it;
+        # `device_decode=True` forces it on the CPU (tests).
         if device_decode is None:
             from legitseg.inference.torch_runner import TorchRunner
 
-            device_decode = (device.type == "cuda" and not keep_rgb and device_decode_module.enabled()
+            device_decode = (device.type == "cuda" and not keep_rgb and gpu_decode
                              and device_decode_module.supports(self.preps)
                              and all(type(r) is TorchRunner for r in runners))
         self.device_decode = device_decode  # decode workers leave these JPEGs encoded
@@ -274,7 +278,7 @@ class Engine(device_decode_module.DeviceInputs):
 
         Raises RuntimeFailure when the device fails.
         """
-        profile = Profile.from_env(self.runners[0].device)
+        profile = Profile(self.profile, self.runners[0].device) if self.profile else None
         with profile or contextlib.nullcontext():
             yield from self._process(sources, profile)
 

@@ -87,7 +87,7 @@ class DriverRunner:
         return self.loaded.spec.name
 
 
-def driver_runners(specs: list, device, precision: str, backend: str | None) -> list:
+def driver_runners(specs: list, device, precision: str, backend: str | None, settings=None) -> list:
     """The driver's runners for `--engine ray`. Raises WeightsError/ManifestError (exit 3).
 
     Weights are loaded and sha256-checked here as for the local engine. On a GPU the actors
@@ -97,7 +97,7 @@ def driver_runners(specs: list, device, precision: str, backend: str | None) -> 
     """
     import torch
 
-    from legitseg.inference.registry import build_runner, choose_backend
+    from legitseg.inference.registry import BuildSettings, build_runner, choose_backend
     from legitseg.inference.runners import prep_for
     from legitseg.models.factory import load_model
 
@@ -108,7 +108,7 @@ def driver_runners(specs: list, device, precision: str, backend: str | None) -> 
             runners.append(DriverRunner(loaded, device, precision, choose_backend(backend, spec, device, precision),
                                         prep_for(loaded)))
         else:
-            runners.append(build_runner(loaded, device, precision, backend))
+            runners.append(build_runner(loaded, device, precision, backend, settings or BuildSettings()))
     return runners
 
 
@@ -136,11 +136,11 @@ class _ModelActor:
                              stop=threading.Event(), device_decode=False)  # decoded by the CPU tasks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from legitseg.inference.torch_runner import math_mode
+        from legitseg.inference.torch_runner import tf32_switch
 
         items = [pickle.loads(b) for b in batch["item"]]
         decoded = [x for x in items if isinstance(x, DecodedImage)]
-        with math_mode(self.precision):
+        with tf32_switch(self.precision):
             outputs = iter(self.engine._run_batch(decoded) if decoded else [])
             results = []
             for x in items:

@@ -25,6 +25,7 @@ from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (
 from torch import nn
 
 from legitseg.errors import ManifestError, WeightsError
+from legitseg.images.geometry import stride_padding
 from legitseg.manifest.safe_yaml import clip, short
 from legitseg.manifest.spec import ModelSpec
 from legitseg.models.weights import (
@@ -66,6 +67,16 @@ class LoadedModel:
     weight_bytes: int
     # Ensembles: every member, each with its single-file spec (`module` is the first one's).
     members: tuple[LoadedModel, ...] = ()
+
+    def probe_input_size(self) -> tuple[int, int]:
+        """(h, w) of a dummy input (models check, the ONNX export's example): the probe size,
+        padded to the stride for `pad` models as a run pads them. A stretch model gets exactly
+        its input_size: padding it would hide a size the model refuses."""
+        h, w = self.spec.probe_size
+        if self.spec.resize != "pad":
+            return h, w
+        ph, pw = stride_padding(h, w, self.stride)
+        return h + ph, w + pw
 
 
 def _check_timm_name(spec: ModelSpec) -> None:
@@ -167,7 +178,7 @@ def check_input_size(spec: ModelSpec, module: nn.Module, stride: int) -> None:
     if h % stride == 0 and w % stride == 0:
         return
     down = [v - v % stride for v in (h, w)]
-    up = [v + (-v) % stride for v in (h, w)]
+    up = [v + p for v, p in zip((h, w), stride_padding(h, w, stride), strict=True)]
     choices = " or ".join(str(c) for c in ([down] if min(down) > 0 else []) + [up])
     raise ManifestError(
         f"model {spec.name!r}, field '{field}': {[h, w]} is not divisible by {stride}, the output "
