@@ -61,7 +61,7 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", ("cpu", "cuda"), tuple(PRECISIONS), None, False, "PyTorch, the reference"),
-    Backend("onnxruntime", ("cpu",), ("fp32",), "onnx", True, "ONNX Runtime on an exported, cached graph"),
+    Backend("onnxruntime", ("cpu",), ("fp32",), "onnx", True, "ONNX Runtime"),
 )}
 # `auto`: the first of these that runs on the device in the precision. ONNX Runtime first:
 # on the CPU it is faster than torch for the same answer (docs/onnx.md).
@@ -123,3 +123,22 @@ def check_engine(engine: str) -> EngineInfo:
 def auto_backend(device_type: str, precision: str) -> str:
     """What `auto` means on this device in this precision."""
     return next(name for name in AUTO_ORDER if BACKENDS[name].fits(device_type, precision))
+
+
+def docs_tables() -> str:
+    """The tables of docs/user-guide.md ("Backends, precisions and engines"), derived from the ones above."""
+    def dev(devices: tuple[str, ...]) -> str:
+        return ", ".join("CPU" if d == "cpu" else "CUDA" for d in devices)
+
+    rows = ["| backend | devices | precisions | runs | before use |", "|---|---|---|---|---|"]
+    rows += [f"| `{b.name}` | {dev(b.devices)} | {', '.join(b.precisions)} | {b.help} | "
+             f"{'exported to ' + b.export.upper() + ', cached, ' if b.export else ''}"
+             f"{'a parity check against torch (else torch runs)' if b.gated else '-'} |" for b in BACKENDS.values()]
+    rows += ["", f"`auto` is the first of {', '.join(f'`{n}`' for n in AUTO_ORDER)} that runs on the device "
+                 "in the precision.", "",
+             "| precision | devices | meaning |", "|---|---|---|"]
+    rows += [f"| `{p.name}` | {dev(p.devices)} | {p.help} |" for p in PRECISIONS.values()]
+    rows += ["", "| engine | extra | `--overlay` | `--address` | runs on |", "|---|---|---|---|---|"]
+    rows += [f"| `{e.name}` | {f'`legitseg[{e.extra}]`' if e.extra else '-'} | {'yes' if e.overlay else 'not yet'} | "
+             f"{'yes' if e.address else '-'} | {e.help} |" for e in ENGINES.values()]
+    return "\n".join(rows) + "\n"

@@ -36,7 +36,6 @@ from legitseg.models.weights import (
 )
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="segmentation_models_pytorch")
 
 
 class SeverityClassifier(nn.Module):
@@ -102,6 +101,15 @@ def build_module(spec: ModelSpec) -> nn.Module:
     Raises ManifestError when smp or timm refuse the combination.
     """
     _check_timm_name(spec)
+    # smp's own deprecation notices are about its API, not the user's model: silenced around
+    # the call only, so no filter is left installed in the caller's process. catch_warnings
+    # swaps process-wide state; a run builds its models before its worker threads start.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="segmentation_models_pytorch")
+        return _build(spec)
+
+
+def _build(spec: ModelSpec) -> nn.Module:
     try:
         if spec.task == "severity":
             encoder = smp.encoders.get_encoder(spec.encoder, in_channels=spec.in_channels, weights=None)
