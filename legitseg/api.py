@@ -147,7 +147,7 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
         stdin: IO[bytes] | None = None, stop: threading.Event | None = None,
         on_event: Callable[[Any], None] | None = None, runners: list | None = None,
         shard: str | None = None, engine: str = "local", address: str | None = None,
-        overlay: bool = False, tta: bool | None = None) -> RunSummary:
+        overlay: bool = False, tta: bool | None = None, **options: Any) -> RunSummary:
     """Do what `legitseg run INPUTS -o OUT` does, with the same options, and return its summary.
 
     `inputs` are paths: files, folders, or "-" to read paths from `stdin` (bytes).
@@ -157,13 +157,19 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     takes this process's part of the inputs; `engine` is "local" or "ray" (with `address`);
     `overlay` also writes OUT/overlays/<model>/<name>.jpg; `tta` True/False overrides every
     model's manifest `tta` (False: none; True: the manifest's, or hflip where it names none).
-    A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
+    `options` are any other fields of `legitseg.options.RunConfig` (so a new run option is
+    one field there and one flag in the CLI, not a parameter here too). A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
     ManifestError or WeightsError (exit 3, before anything is read or written),
     RuntimeFailure (4), OutputLocked (5), NoImages (6).
     """
+    from dataclasses import fields
+
     from legitseg.output.shard import Shard
     from legitseg.run import Finished, RunConfig, execute
 
+    unknown = sorted(set(options) - {f.name for f in fields(RunConfig)})
+    if unknown:
+        raise UsageError(f"run: unknown option(s) {', '.join(unknown)}")
     part = Shard.parse(shard) if shard is not None else None  # a usage error before the manifest's
     m = _manifest(manifest)
     specs = m.select(_names(models))
@@ -173,7 +179,7 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
                     save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                     retry_failed=retry_failed, require_images=require_images, null=null, stdin=stdin,
                     runners=runners, shard=part, engine=engine, address=address, overlay=overlay,
-                    tta=tta)
+                    tta=tta, **options)
     finished: Finished | None = None
     with contextlib.closing(execute(cfg, stop or threading.Event())) as events:
         for event in events:
@@ -303,6 +309,7 @@ class Predictor:
         options.setdefault("batch_size", self.batch_size)
         options.setdefault("workers", self.workers)
         options.setdefault("max_pixels", self.max_pixels)
+        options.setdefault("env", self.env)  # the environment as read when the models were built
         return run(inputs, out, manifest=self.manifest, models=self.models, device=self._device_arg,
                    precision=self.precision, backend=self.backend, runners=self.runners, **options)
 

@@ -26,8 +26,11 @@ class CheckResult:
     std: tuple[float, ...] | None = None
 
 
-def check_model(spec: ModelSpec) -> CheckResult:
-    """Never raises for a bad model: the problem is in the result's `error`."""
+def probe_model(spec: ModelSpec) -> CheckResult:
+    """Build `spec` with its verified weights and run one dummy forward (`legitseg models check`).
+
+    Never raises for a bad model: the problem is in the result's `error`.
+    """
     import torch
 
     from legitseg.models.factory import load_model
