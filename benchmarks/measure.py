@@ -342,7 +342,6 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.images import device_decode
     from legitseg.images.decode import (
-        DEFAULT_MAX_PIXELS,
         check_header,
         decode_rgb,
         prepare,
@@ -350,12 +349,15 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     )
     from legitseg.inference import postprocess
     from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
     from legitseg.manifest.spec import load_manifest
     from legitseg.models.factory import load_model
+    from legitseg.options import Environment
     from legitseg.output.writers import encode_png, record_path
 
     spec = load_manifest(manifest).select([name])[0]
     runner = TorchRunner(load_model(spec), device, precision)
+    gpu_decode = Environment.read().gpu_decode
     shutil.rmtree(out, ignore_errors=True)
     stages = dict.fromkeys(("read+hash", "header", "decode", "resize", "forward", "postprocess",
                             "png encode", "write+fsync"), 0.0)
@@ -374,7 +376,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
         digest = sha256_bytes(data)
         mark()
         fmt = check_header(data, DEFAULT_MAX_PIXELS)
-        planned = device_decode.plan(data, fmt) if device.type == "cuda" and device_decode.enabled() else None
+        planned = device_decode.plan(data, fmt) if device.type == "cuda" and gpu_decode else None
         mark()
         image = None
         if planned is not None:  # what the engine does on a GPU: nvJPEG, then orientation and resize there

@@ -157,13 +157,16 @@ class Bench:
         loaded = self.model(name)
         self.say(f"(a) forward bound {name} {device.type} {precision} {backend}, batches {sizes}")
         if backend == "onnxruntime":
-            from legitseg.inference.ort_runner import ort_session, ort_threads
+            from legitseg.inference.ort_runner import available_cores, ort_session
+            from legitseg.options import Environment
 
+            env = Environment.read()
+            threads = env.ort_threads or available_cores()
             t = time.perf_counter()
-            session = ort_session(loaded, ort_threads())
+            session = ort_session(loaded, threads, env.cache_dir)
             setup = time.perf_counter() - t
             result = measure.ort_forward_bound(session, name, loaded.spec.in_channels, m.size, sizes,
-                                               self.mode.min_time, ort_threads())
+                                               self.mode.min_time, threads)
             result.note = f"export (or cache read) + session {setup:.1f}s"
         else:
             result = measure.forward_bound(loaded.module, name, loaded.spec.in_channels, m.size, device,

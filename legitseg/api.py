@@ -27,6 +27,7 @@ from legitseg.errors import (
     NoAdequateImage,
     UsageError,
 )
+from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     Inputs: TypeAlias = ImageLike | Iterable[ImageLike]
 
 __all__ = ["ImageFailed", "ModelResult", "Prediction", "Predictor", "RunSummary", "run"]
-DEFAULT_MAX_PIXELS = 100_000_000  # as --max-pixels; checked against decode.DEFAULT_MAX_PIXELS by a test
 PathLike: TypeAlias = str | os.PathLike[str]
 
 
@@ -164,7 +164,8 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
         stdin: IO[bytes] | None = None, stop: threading.Event | None = None,
         on_event: Callable[[Any], None] | None = None, runners: list | None = None,
         shard: str | None = None, engine: str = "local", address: str | None = None,
-        overlay: bool = False, tta: bool | None = None, require_adequate: bool = False) -> RunSummary:
+        overlay: bool = False, tta: bool | None = None, require_adequate: bool = False,
+        **options: Any) -> RunSummary:
     """Do what `legitseg run INPUTS -o OUT` does, with the same options, and return its summary.
 
     `inputs` are paths: files, folders, or "-" to read paths from `stdin` (bytes).
@@ -174,15 +175,21 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
     takes this process's part of the inputs; `engine` is "local" or "ray" (with `address`);
     `overlay` also writes OUT/overlays/<model>/<name>.jpg; `tta` True/False overrides every
     model's manifest `tta` (False: none; True: the manifest's, or hflip where it names none).
-    A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
+    `options` are any other fields of `legitseg.options.RunConfig` (so a new run option is
+    one field there and one flag in the CLI, not a parameter here too). A failed image is counted in `failed`, not raised. Raises UsageError (exit 2),
     ManifestError or WeightsError (exit 3, before anything is read or written),
     RuntimeFailure (4), OutputLocked (5), NoImages (6). With `require_adequate` (or the manifest's
     `quality: {require_adequate: true}`) a completed run that judged no image adequate raises
     NoAdequateImage (8) once everything is written (docs/quality.md).
     """
+    from dataclasses import fields
+
     from legitseg.output.shard import Shard
     from legitseg.run import Finished, RunConfig, execute
 
+    unknown = sorted(set(options) - {f.name for f in fields(RunConfig)})
+    if unknown:
+        raise UsageError(f"run: unknown option(s) {', '.join(unknown)}")
     part = Shard.parse(shard) if shard is not None else None  # a usage error before the manifest's
     m = _manifest(manifest)
     specs = m.select(_names(models))
@@ -194,7 +201,7 @@ def run(inputs: PathLike | Sequence[PathLike], out: PathLike, *, manifest: PathL
                     save_probabilities=save_probabilities, overwrite=overwrite, max_pixels=max_pixels,
                     retry_failed=retry_failed, require_images=require_images, null=null, stdin=stdin,
                     runners=runners, shard=part, engine=engine, address=address, overlay=overlay,
-                    tta=tta)
+                    tta=tta, **options)
     finished: Finished | None = None
     with contextlib.closing(execute(cfg, stop or threading.Event())) as events:
         for event in events:
@@ -223,32 +230,24 @@ class Predictor:
                  device: str = "auto", precision: str = "fp32", backend: str | None = None,
                  batch_size: int | None = None, *, workers: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from legitseg.inference.torch_runner import check_precision, choose_device
         from legitseg.models.weights import verify_sha256
-        from legitseg.run import (
-            build_runners,
-            check_options,
-            default_batch_size,
-            default_workers,
-            default_writers,
-        )
+        from legitseg.options import Environment, check_options, resolve_device
+        from legitseg.run import build_runners
 
         check_options(device, precision, backend, batch_size, workers, max_pixels)
+        self.env = Environment.read()  # as a run reads it: once, here
         self.manifest = _manifest(manifest)
         self.specs = self.manifest.select(_names(models))
         for spec in self.specs:
             verify_sha256(spec.weights, spec.sha256, spec.name)
         self._device_arg = device
-        torch_device = choose_device(device)
-        check_precision(precision, torch_device)
-        self.device = str(torch_device)
+        chosen = resolve_device(device, precision, batch_size, workers)
+        self.device = str(chosen.device)
         self.precision = precision
         self.backend = backend
-        self.batch_size = batch_size or default_batch_size(torch_device.type)
-        self.workers = default_workers(torch_device.type) if workers is None else workers
-        self.writers = default_writers(torch_device.type)
+        self.batch_size, self.workers, self.writers = chosen.batch_size, chosen.workers, chosen.writers
         self.max_pixels = max_pixels
-        self.runners = build_runners(self.specs, torch_device, precision, backend)
+        self.runners = build_runners(self.specs, chosen.device, precision, backend, self.env.build_settings())
         from legitseg.output.records import ModelInfo
 
         self._infos = {r.name: ModelInfo.of(r) for r in self.runners}
@@ -290,7 +289,8 @@ class Predictor:
         stop = threading.Event()
         engine = Engine(self.runners, batch_size=self.batch_size, workers=self.workers,
                         post_threads=self.writers, save_probabilities=probabilities,
-                        max_pixels=self.max_pixels, stop=stop, quality=self.manifest.quality)
+                        max_pixels=self.max_pixels, stop=stop, quality=self.manifest.quality,
+                        gpu_decode=self.env.gpu_decode, profile=self.env.profile)
         results = engine.process(sources())
         # No math mode is held across the yield: each forward pass switches TF32 for itself
         # (TorchRunner.forward), so two predict() generators of different precisions interleave safely.
@@ -329,6 +329,7 @@ class Predictor:
         options.setdefault("batch_size", self.batch_size)
         options.setdefault("workers", self.workers)
         options.setdefault("max_pixels", self.max_pixels)
+        options.setdefault("env", self.env)  # the environment as read when the models were built
         return run(inputs, out, manifest=self.manifest, models=self.models, device=self._device_arg,
                    precision=self.precision, backend=self.backend, runners=self.runners, **options)
 

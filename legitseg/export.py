@@ -59,9 +59,12 @@ def export_model(spec: ModelSpec, out: Path) -> ExportResult:
     from legitseg.inference.torch_runner import TorchRunner
     from legitseg.models.factory import load_model
     from legitseg.models.onnx_export import OPSET, ExportFailed, dynamic_axes
+    from legitseg.options import Environment
 
+    env = Environment.read()  # the cache folder and ONNX Runtime's threads, as a run reads them
     loaded = load_model(spec)  # the sha256 is checked on the bytes before any loader reads them
-    result = gate(loaded, TorchRunner(loaded, torch.device("cpu"), "fp32"), spec.parity_tolerance)
+    result = gate(loaded, TorchRunner(loaded, torch.device("cpu"), "fp32"), spec.parity_tolerance,
+                  env.ort_threads, env.cache_dir)
     if not isinstance(result.runner, OrtRunner) or result.graph is None or result.parity is None:
         raise ExportFailed(f"{result.reason}; nothing written")
     graph, figure = result.graph, result.parity

@@ -17,7 +17,7 @@ import re
 import secrets
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,18 @@ from legitseg.errors import RuntimeFailure
 TMP_SUFFIX = ".legitseg-tmp"
 
 
-def cache_root() -> Path:
-    """$LEGITSEG_CACHE_DIR, else $XDG_CACHE_HOME/legitseg, else ~/.cache/legitseg."""
-    root = os.environ.get("LEGITSEG_CACHE_DIR")
+def cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """$LEGITSEG_CACHE_DIR, else $XDG_CACHE_HOME/legitseg, else ~/.cache/legitseg.
+
+    Read once per run, into `options.Environment.cache_dir`; deeper code is handed the folder.
+    """
+    env = os.environ if environ is None else environ
+    root = env.get("LEGITSEG_CACHE_DIR")
     if root:
         return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "legitseg"
+    xdg = env.get("XDG_CACHE_HOME")
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return (Path(xdg) if xdg else home / ".cache") / "legitseg"
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -26,14 +26,12 @@ from legitseg.images.sources import OUT_MARKER, Discovery, Found, Source, find_a
 from legitseg.manifest.spec import ModelSpec
 from legitseg.models.weights import verify_sha256
 from legitseg.options import (  # noqa: F401 - RunConfig and the defaults are used through legitseg.run too
-    BACKENDS,
-    ENGINES,
-    PRECISIONS,
     RunConfig,
     check_options,
     default_batch_size,
     default_workers,
     default_writers,
+    resolve_device,
 )
 from legitseg.output.lock import OutputLock, summary_lock
 from legitseg.output.records import ImageRecord
@@ -203,26 +201,20 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, res
             resume.wrote(record)
     runners: list = []
     if todo and not stop.is_set():
-        if cfg.runners:
-            device = cfg.runners[0].device
-        else:
-            from legitseg.inference.torch_runner import check_precision, choose_device
-
-            device = choose_device(cfg.device)
-            check_precision(cfg.precision, device)
+        # A Predictor's runners are on their device already; else `auto` is resolved here.
+        chosen = resolve_device(str(cfg.runners[0].device) if cfg.runners else cfg.device, cfg.precision,
+                                cfg.batch_size, cfg.workers, cfg.writers)
+        device = chosen.device
+        settings.workers, settings.batch_size, settings.writers = chosen.workers, chosen.batch_size, chosen.writers
         settings.device = str(device)
-        if cfg.workers is None:
-            settings.workers = default_workers(device.type)
-        settings.batch_size = cfg.batch_size or default_batch_size(device.type)
-        settings.writers = cfg.writers or default_writers(device.type)
         if cfg.runners:
             runners = list(cfg.runners)
         elif cfg.engine == "ray":  # the actors build the runners; the driver only verifies and plans
             from legitseg.engines.ray_data import driver_runners
 
-            runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend)
+            runners = driver_runners(cfg.models, device, cfg.precision, cfg.backend, cfg.env.build_settings())
         else:
-            runners = build_runners(cfg.models, device, cfg.precision, cfg.backend)
+            runners = build_runners(cfg.models, device, cfg.precision, cfg.backend, cfg.env.build_settings())
     if not lock.held:
         lock.acquire()
         # OUT did not exist when its records were read: another run may have written some since.
@@ -267,7 +259,7 @@ def _adequate(record: ImageRecord) -> bool:
 
 def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Source],
             stop: threading.Event, run_id: str, resume: Resume) -> Iterator[ImageOutcome]:
-    from legitseg.inference.torch_runner import math_mode
+    from legitseg.inference.torch_runner import tf32_switch
     from legitseg.output.overlay import Style
     from legitseg.output.records import ModelInfo
     from legitseg.output.writers import Sink
@@ -283,14 +275,15 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     else:
         from legitseg.engines.local import Engine
 
-        engine = Engine(runners, keep_rgb=cfg.overlay, quality=cfg.manifest.quality, **options)
+        engine = Engine(runners, keep_rgb=cfg.overlay, quality=cfg.manifest.quality, gpu_decode=cfg.env.gpu_decode,
+                        profile=cfg.env.profile, **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
     # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
     sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),
                 overlays={s.name: Style.of(s) for s in cfg.models} if cfg.overlay else None, resume=resume)
     from legitseg.provenance import math_mode as effective_math
 
-    with math_mode(cfg.precision):
+    with tf32_switch(cfg.precision):
         settings.math = effective_math(settings.device or "cpu", cfg.precision)
         yield from sink.consume(engine.process(todo))
 
@@ -357,14 +350,17 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
     return run_json
 
 
-def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None) -> list:
-    """Load (sha256-checked) and build one runner per model. Raises WeightsError/ManifestError (exit 3)."""
-    from legitseg.inference.registry import build_runner
+def build_runners(specs: list[ModelSpec], device, precision: str, backend: str | None,
+                  settings: Any = None) -> list:
+    """Load (sha256-checked) and build one runner per model (`settings`: registry.BuildSettings,
+    from the run's Environment). Raises WeightsError/ManifestError (exit 3)."""
+    from legitseg.inference.registry import BuildSettings, build_runner
     from legitseg.models.factory import load_model
 
+    settings = settings or BuildSettings()
     runners = []
     for spec in specs:
         loaded = load_model(spec)
-        runners.append(build_runner(loaded, device, precision, backend))
+        runners.append(build_runner(loaded, device, precision, backend, settings))
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners

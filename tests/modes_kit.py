@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legitseg.fsio import cache_root
 from legitseg.images.decode import decode_rgb, prepare, read_bytes
 from legitseg.inference.activation import activation
-from legitseg.inference.registry import build_runner
+from legitseg.inference.registry import BuildSettings, build_runner
 from legitseg.manifest.spec import ModelSpec, load_manifest
 from legitseg.models.factory import load_model
 from tests import reference
@@ -32,7 +33,8 @@ def runners(manifest: Path, name: str) -> dict[str, object]:
     """The model's runner on each backend (ONNX Runtime members gated against torch)."""
     spec = load_manifest(manifest).models[name]
     loaded = load_model(spec)
-    return {b: build_runner(loaded, CPU, "fp32", b) for b in ("torch", "onnxruntime")}
+    settings = BuildSettings(cache_dir=cache_root())  # the test session's cache (tests/conftest.py)
+    return {b: build_runner(loaded, CPU, "fp32", b, settings) for b in ("torch", "onnxruntime")}
 
 
 def legit_probs(runner, rgb: np.ndarray, spec: ModelSpec | None = None) -> np.ndarray:

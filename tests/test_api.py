@@ -285,10 +285,11 @@ def test_import_legitseg_does_not_import_torch():
 
 
 def test_api_defaults_match_the_cli():
+    """One constant, not copies kept in step: tests/test_registry.py checks every entry point's default."""
     from legitseg.api import DEFAULT_MAX_PIXELS
-    from legitseg.images.decode import DEFAULT_MAX_PIXELS as DECODE_DEFAULT
+    from legitseg.manifest import choices
 
-    assert DEFAULT_MAX_PIXELS == DECODE_DEFAULT
+    assert DEFAULT_MAX_PIXELS is choices.DEFAULT_MAX_PIXELS
 
 
 def test_the_python_api_doc_runs_as_written(tmp_path, monkeypatch, capsys):

@@ -144,13 +144,13 @@ def test_fp32_on_cuda_matches_the_reference_implementation_on_the_demo_photograp
 
     from legitseg.images.decode import prepare
     from legitseg.inference.activation import activation
-    from legitseg.inference.torch_runner import TorchRunner, math_mode
+    from legitseg.inference.torch_runner import TorchRunner, tf32_switch
     from tests import reference
 
     cuda = torch.device("cuda")
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions: must not leak into fp32
     worst = {}
-    with math_mode("fp32"):
+    with tf32_switch("fp32"):
         for name, (entry, loaded) in _demo_models().items():
             module = reference.build(entry, REPO)
             runner = TorchRunner(loaded, cuda, "fp32")

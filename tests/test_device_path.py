@@ -203,10 +203,10 @@ def test_device_decode_is_off_where_the_device_cannot_make_the_input(runners, mo
     auto = Engine(runners, batch_size=2, workers=0, post_threads=1, save_probabilities=False,
                   max_pixels=10**8, stop=threading.Event())
     assert not auto.device_decode and not auto.batched_post
-    monkeypatch.setenv("LEGITSEG_GPU_DECODE", "0")
-    assert not device_decode.enabled()
-    monkeypatch.setenv("LEGITSEG_GPU_DECODE", "1")
-    assert device_decode.enabled()
+    from legitseg.options import Environment
+
+    assert not Environment.read({"LEGITSEG_GPU_DECODE": "0"}).gpu_decode
+    assert Environment.read({"LEGITSEG_GPU_DECODE": "1"}).gpu_decode and Environment.read({}).gpu_decode
 
 
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkeypatch):
@@ -234,11 +234,10 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(runners, folder, monkey
 def _tuned_pair(runners, precision, tmp_path, monkeypatch):
     from legitseg.inference.torch_runner import TorchRunner
 
-    monkeypatch.setenv("LEGITSEG_CACHE_DIR", str(tmp_path / "cache"))
     loaded = runners[0].loaded  # "binary", 64x96 stretch
     arrays = [picture(64, 96, s) for s in range(3)]
     plain = TorchRunner(loaded, torch.device("cpu"), "fp32")
-    tuned = TorchRunner(loaded, torch.device("cpu"), precision, tune_layout=True)
+    tuned = TorchRunner(loaded, torch.device("cpu"), precision, tune_layout=True, cache_dir=tmp_path / "cache")
     return plain, tuned, arrays
 
 
@@ -258,11 +257,11 @@ def test_layout_tuning_measures_every_variant_and_remembers_the_choice(runners, 
     assert timed == variants(precision) == ["channels_last", "contiguous"]
     assert tuned.variant in timed and tuned.tuned
     assert (got - want).abs().max() <= (1e-4 if precision == "fp32" else 5e-2)
-    cache = json.loads(layout_tuning.cache_file().read_text())
+    cache = json.loads(layout_tuning.cache_file(tmp_path / "cache").read_text())
     assert list(cache.values()) == [tuned.variant]
     # The next run on this machine takes the remembered variant without measuring.
     timed.clear()
-    again = TorchRunner(tuned.loaded, torch.device("cpu"), precision, tune_layout=True)
+    again = TorchRunner(tuned.loaded, torch.device("cpu"), precision, tune_layout=True, cache_dir=tmp_path / "cache")
     again.logits(arrays)
     assert timed == [] and again.variant == tuned.variant
 

@@ -64,7 +64,7 @@ def _cases(d: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "verify --make": (["verify", str(root / "pkg2"), str(d["images"]), "--make", "-m", m],
                           "legitseg.verify.cases.make_package"),
         "models list": (["models", "list", "-m", m], "legitseg.manifest.spec.load_manifest"),
-        "models check": (["models", "check", "-m", m], "legitseg.models.check.check_model"),
+        "models check": (["models", "check", "-m", m], "legitseg.models.check.probe_model"),
         "models hash": (["models", "hash", str(d["weights"])], "legitseg.models.weights.sha256_file"),
         "models convert": (["models", "convert", str(d["weights"]), str(root / "c.safetensors")],
                            "legitseg.models.convert.convert_checkpoint"),

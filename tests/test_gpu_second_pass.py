@@ -374,7 +374,8 @@ def test_half_weights_are_asked_for_by_name_and_change_the_settings_digest(kit, 
 
     arrays = [picture(64, 64, s) for s in range(2)]
     for name, dtype, variant in (("plain", torch.float32, ""), ("halved", torch.bfloat16, "+half")):
-        runner = TorchRunner(load_model(specs[name]), torch.device("cpu"), "bf16", tune_layout=True)
+        runner = TorchRunner(load_model(specs[name]), torch.device("cpu"), "bf16", tune_layout=True,
+                             cache_dir=tmp_path / "cache")
         runner.logits(arrays)  # tuned on this batch: layouts only
         assert {p.dtype for p in runner.module.parameters()} == {dtype}, name
         assert runner.variant in (f"channels_last{variant}", f"contiguous{variant}"), name

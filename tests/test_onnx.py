@@ -22,13 +22,15 @@ from typer.testing import CliRunner
 from legitseg.cli import app
 from legitseg.errors import UsageError
 from legitseg.export import read_sidecar
-from legitseg.inference.ort_runner import OrtRunner, ort_threads
+from legitseg.fsio import cache_root
+from legitseg.inference.ort_runner import OrtRunner, available_cores, make_session
 from legitseg.inference.ort_runner import gate as ort_gate
 from legitseg.inference.registry import choose_backend
 from legitseg.inference.torch_runner import TorchRunner
 from legitseg.manifest.spec import load_manifest
 from legitseg.models.factory import load_model
-from legitseg.models.onnx_export import cache_dir, cached_onnx
+from legitseg.models.onnx_export import cache_folder, cached_onnx
+from legitseg.options import Environment
 from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
@@ -60,7 +62,8 @@ def load(kit, name: str):
 
 
 def gate(loaded, tolerance: float = TOLERANCE):
-    return ort_gate(loaded, TorchRunner(loaded, CPU), tolerance)
+    """The gate as a run calls it, with the cache folder the test's environment names."""
+    return ort_gate(loaded, TorchRunner(loaded, CPU), tolerance, cache_dir=cache_root())
 
 
 def images(folder: Path, sizes=((70, 90), (45, 33), (128, 200)), seed: int = 0) -> Path:
@@ -204,15 +207,16 @@ def test_onnxruntime_asked_for_where_it_cannot_run_is_a_usage_error(kit, device,
         choose_backend("onnxruntime", spec, torch.device(device), precision)
 
 
-def test_threads_default_to_the_cores_and_follow_the_environment(monkeypatch):
-    monkeypatch.delenv("LEGITSEG_ORT_THREADS", raising=False)
-    assert ort_threads() >= 1
-    monkeypatch.setenv("LEGITSEG_ORT_THREADS", "1")
-    assert ort_threads() == 1
+def test_threads_default_to_the_cores_and_follow_the_environment(kit):
+    assert Environment.read({}).ort_threads is None
+    assert Environment.read({"LEGITSEG_ORT_THREADS": "1"}).ort_threads == 1
     for bad in ("0", "two", "-3"):
-        monkeypatch.setenv("LEGITSEG_ORT_THREADS", bad)
         with pytest.raises(UsageError, match="LEGITSEG_ORT_THREADS"):
-            ort_threads()
+            Environment.read({"LEGITSEG_ORT_THREADS": bad})
+    kit.add("m", arch_params=SMALL["Unet"])
+    data = cached_onnx(load(kit, "m"), None).data
+    assert make_session(data).get_session_options().intra_op_num_threads == available_cores()
+    assert make_session(data, 1).get_session_options().intra_op_num_threads == 1
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -250,13 +254,13 @@ def test_cache_is_reused_then_rebuilt_when_the_weights_change(kit, cache, tmp_pa
 def test_a_damaged_cache_entry_is_rebuilt_never_trusted(kit, cache, caplog, damage, message):
     kit.add("lesion", arch_params=SMALL["Unet"])
     loaded = load(kit, "lesion")
-    graph = cached_onnx(loaded)
+    graph = cached_onnx(loaded, cache.parent)
     assert not graph.reused
     damage(graph.path, graph.path.with_suffix(".json"))
-    again = cached_onnx(loaded)
+    again = cached_onnx(loaded, cache.parent)
     assert not again.reused and message in caplog.text
     assert again.data == graph.data  # rebuilt: the same export as before
-    assert cached_onnx(loaded).reused  # and trusted again once whole
+    assert cached_onnx(loaded, cache.parent).reused  # and trusted again once whole
 
 
 def test_an_unwritable_cache_warns_and_uses_the_export_for_this_run(kit, tmp_path, monkeypatch, caplog):
@@ -268,15 +272,19 @@ def test_an_unwritable_cache_warns_and_uses_the_export_for_this_run(kit, tmp_pat
     assert "cannot write the ONNX cache" in caplog.text
 
 
-def test_cache_location(monkeypatch, tmp_path):
-    monkeypatch.setenv("LEGITSEG_CACHE_DIR", str(tmp_path))
-    assert cache_dir() == tmp_path / "onnx"
-    monkeypatch.delenv("LEGITSEG_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "legitseg" / "onnx"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir() == tmp_path / "home" / ".cache" / "legitseg" / "onnx"
+def test_cache_location(tmp_path):
+    def onnx_folder(environ):
+        return cache_folder(Environment.read(environ).cache_dir)
+
+    assert onnx_folder({"LEGITSEG_CACHE_DIR": str(tmp_path)}) == tmp_path / "onnx"
+    assert onnx_folder({"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg" / "legitseg" / "onnx"
+    assert onnx_folder({"HOME": str(tmp_path / "home")}) == tmp_path / "home" / ".cache" / "legitseg" / "onnx"
+
+
+def test_without_a_cache_folder_the_graph_is_exported_and_kept_nowhere(kit, cache):
+    kit.add("lesion", arch_params=SMALL["Unet"])
+    graph = cached_onnx(load(kit, "lesion"), None)
+    assert graph.path is None and not graph.reused and not cache.exists()
 
 
 # -- `run` with both backends ------------------------------------------------------------------

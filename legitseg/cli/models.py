@@ -61,12 +61,12 @@ def models_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Hash, build, strictly load and run a dummy forward for each model; exit 3 if any fails."""
-    from legitseg.models.check import check_model
+    from legitseg.models.check import probe_model
 
     setup_logging()
     m = load(manifest)
     specs = m.select(split(models))
-    records = [check_record(m, spec, check_model(spec)) for spec in specs]
+    records = [check_record(m, spec, probe_model(spec)) for spec in specs]
     rows = [check_row(r)[:-1] if sys.stdout.isatty() and not as_json else check_row(r) for r in records]
     columns = CHECK_COLUMNS[:-1] if sys.stdout.isatty() and not as_json else CHECK_COLUMNS
     _emit(str(m.path), columns, rows, records, as_json,

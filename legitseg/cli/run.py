@@ -23,6 +23,20 @@ from legitseg.cli.common import (
     split,
 )
 from legitseg.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM
+from legitseg.manifest.choices import (
+    BACKEND_CHOICES,
+    DEFAULT_MAX_PIXELS,
+    ENGINES,
+    PRECISIONS,
+    auto_backend,
+    options_help,
+)
+
+# --help derived from manifest/choices.py: a new backend, precision or engine appears here by itself.
+_PRECISION_HELP = options_help(PRECISIONS)
+_BACKEND_HELP = (f"{' | '.join(BACKEND_CHOICES)}; auto = {auto_backend('cpu', 'fp32')} on the CPU, "
+                 f"{auto_backend('cuda', 'fp32')} on CUDA [default: each model's manifest `backend`, itself auto by default]")
+_ENGINE_HELP = options_help(ENGINES)
 
 
 def register(app: typer.Typer) -> None:
@@ -105,10 +119,8 @@ def run(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass [default: 32 on CUDA, 4 on CPU]")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode threads; 0 decodes inline [default: by device and cores]")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 (IEEE fp32 math) | tf32 (CUDA only) | fp16 (CUDA only) | bf16")] = "fp32",
-    backend: Annotated[str | None, typer.Option(
-        help="auto | torch | onnxruntime; auto = onnxruntime on the CPU, torch on CUDA "
-             "[default: each model's manifest `backend`, itself auto by default]")] = None,
+    precision: Annotated[str, typer.Option(help=_PRECISION_HELP)] = "fp32",
+    backend: Annotated[str | None, typer.Option(help=_BACKEND_HELP)] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write float16 probability maps (.npz)")] = False,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write each result drawn on the photograph: OUT/overlays/<model>/<name>.jpg")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images that an earlier run completed")] = False,
@@ -117,14 +129,14 @@ def run(
     require_adequate: Annotated[bool, typer.Option("--require-adequate", help="Exit 8 when the manifest's quality: policy judged no image adequate (docs/quality.md)")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0)")] = False,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: --tta turns on each model's manifest `tta` (flips where it has none), --no-tta turns it off [default: the manifest's]")] = None,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = 100_000_000,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images whose header declares more pixels")] = DEFAULT_MAX_PIXELS,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON row per (image, model) on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
     shard: Annotated[str | None, typer.Option(
         help="i/N: process only part i (0-based) of N, split by a hash of each output name; "
              "N processes may share one OUT (docs/scale.md)")] = None,
-    engine: Annotated[str, typer.Option(help="local | ray (a Ray Data pipeline; needs legitseg[ray])")] = "local",
+    engine: Annotated[str, typer.Option(help=_ENGINE_HELP)] = "local",
     address: Annotated[str | None, typer.Option(
         help="Ray cluster address for --engine ray [default: RAY_ADDRESS, else a local cluster]")] = None,
 ) -> None:

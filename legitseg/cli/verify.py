@@ -18,6 +18,7 @@ from legitseg.errors import (
     LegitsegError,
     UsageError,
 )
+from legitseg.manifest.choices import BACKEND_CHOICES
 from legitseg.verify.tolerances import Tolerances
 
 _DEFAULT = Tolerances()
@@ -36,7 +37,8 @@ def verify(
     models: Annotated[str | None, typer.Option("--models", help="With --make: comma-separated model names [default: all]")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where verification.json, report.md and the run's outputs go (new or empty) [default: PACKAGE/results/<time>-<pid>]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    backend: Annotated[str | None, typer.Option(help="auto | torch | onnxruntime [default: each model's manifest `backend`]")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help=f"{' | '.join(BACKEND_CHOICES)} [default: each model's manifest `backend`]")] = None,
     max_dp: Annotated[float, typer.Option("--max-dp", help="With --make: largest allowed |probability difference|")] = _DEFAULT.max_dp,
     min_agreement: Annotated[float, typer.Option("--min-agreement", help="With --make: smallest allowed fraction of equal mask pixels")] = _DEFAULT.min_agreement,
     max_score_delta: Annotated[float, typer.Option("--max-score-delta", help="With --make: largest allowed severity score difference")] = _DEFAULT.max_score_delta,

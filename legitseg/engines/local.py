@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from legitseg.engines.device_inputs import Decoded, DeviceInputs
 from legitseg.engines.profile import Profile
@@ -36,7 +37,8 @@ class Engine:
 
     def __init__(self, runners: list[Runner], *, batch_size: int, workers: int, post_threads: int,
                  save_probabilities: bool, max_pixels: int, stop: threading.Event, keep_rgb: bool = False,
-                 batched_post: bool | None = None, device_decode: bool | None = None, quality=None):
+                 batched_post: bool | None = None, device_decode: bool | None = None, quality=None,
+                 gpu_decode: bool = True, profile: Path | None = None):
         self.runners = runners
         # The `quality:` policy (manifest.quality.QualityPolicy): measured on the decoded photograph
         # in the decode worker (images/quality.py), so the photograph must be on the host.
@@ -46,6 +48,7 @@ class Engine:
         self.post_threads = max(1, post_threads)
         self.max_pixels = max_pixels
         self.stop = stop
+        self.profile = profile  # options.Environment.profile: where the run's time went ($LEGITSEG_PROFILE)
         self.preps = list(dict.fromkeys([r.prep for r in runners] + ([PHOTO] if keep_rgb or quality else [])))
         # With a policy only (no overlay, no model taking the photograph as is), PHOTO is dropped once measured.
         self.measure_only = quality is not None and not keep_rgb and PHOTO not in [r.prep for r in runners]
@@ -62,11 +65,12 @@ class Engine:
         # batch is launched while the last one's results are copied, counted and written.
         self.depth = 2 * max(self.post_threads, self.batch_size if self.batched_post else 0)
         # JPEGs decoded on the GPU in batches, when every model takes a plain input the device can
-        # make (images/device_decode.py); `device_decode=True` forces it on the CPU (tests).
+        # make (images/device_decode.py) and `gpu_decode` ($LEGITSEG_GPU_DECODE) allows it;
+        # `device_decode=True` forces it on the CPU (tests).
         if device_decode is None:
             from legitseg.inference.torch_runner import TorchRunner
 
-            device_decode = (device.type == "cuda" and not keep_rgb and quality is None and device_decode_module.enabled()
+            device_decode = (device.type == "cuda" and not keep_rgb and quality is None and gpu_decode
                              and device_decode_module.supports(self.preps)
                              and all(type(r) is TorchRunner for r in runners))
         # With it on, model inputs are device tensors for the whole run (`inputs` moves them there).
@@ -144,7 +148,7 @@ class Engine:
 
         Raises RuntimeFailure when the device fails.
         """
-        profile = Profile.from_env(self.runners[0].device)
+        profile = Profile(self.profile, self.runners[0].device) if self.profile else None
         with profile or contextlib.nullcontext():
             yield from self._process(sources, profile)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import time
 import warnings
@@ -20,8 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-ENV = "LEGITSEG_PROFILE"
 
 
 def _cpu_seconds() -> float:
@@ -39,11 +36,6 @@ class Profile:
         self.batches = self.images = 0
         self._warnings = warnings.catch_warnings(record=True)
         self.caught: list[warnings.WarningMessage] = []
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> Profile | None:
-        path = os.environ.get(ENV)
-        return cls(Path(path), device) if path else None
 
     def __enter__(self) -> Profile:
         self.wall0, self.thread0, self.process0 = time.perf_counter(), time.thread_time(), _cpu_seconds()

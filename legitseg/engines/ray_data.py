@@ -85,7 +85,7 @@ class DriverRunner:
         return self.loaded.spec.name
 
 
-def driver_runners(specs: list, device, precision: str, backend: str | None) -> list:
+def driver_runners(specs: list, device, precision: str, backend: str | None, settings=None) -> list:
     """The driver's runners for `--engine ray`. Raises WeightsError/ManifestError (exit 3).
 
     Weights are loaded and sha256-checked here as for the local engine. On a GPU the actors
@@ -95,7 +95,7 @@ def driver_runners(specs: list, device, precision: str, backend: str | None) -> 
     """
     import torch
 
-    from legitseg.inference.registry import build_runner, choose_backend
+    from legitseg.inference.registry import BuildSettings, build_runner, choose_backend
     from legitseg.inference.runners import prep_for
     from legitseg.models.factory import load_model
 
@@ -106,7 +106,7 @@ def driver_runners(specs: list, device, precision: str, backend: str | None) -> 
             runners.append(DriverRunner(loaded, device, precision, choose_backend(backend, spec, device, precision),
                                         prep_for(loaded)))
         else:
-            runners.append(build_runner(loaded, device, precision, backend))
+            runners.append(build_runner(loaded, device, precision, backend, settings or BuildSettings()))
     return runners
 
 
@@ -133,12 +133,12 @@ class _ModelActor:
         self.stages = Stages(runners, save_probabilities=save_probabilities)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from legitseg.inference.torch_runner import math_mode
+        from legitseg.inference.torch_runner import tf32_switch
 
         items = [pickle.loads(b) for b in batch["item"]]
         entries = [x if isinstance(x, DecodedImage)
                    else self.stages.failed(x[0], ImageError(x[1], sha256=x[2])) for x in items]
-        with math_mode(self.precision):
+        with tf32_switch(self.precision):
             results = self.stages.step(entries)
         packed = np.empty(len(results), dtype=object)
         packed[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]

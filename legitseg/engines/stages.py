@@ -127,8 +127,8 @@ class Stages:
             pending = transfer.launch()
             for per_image in outputs:
                 for value in per_image.values():
-                    if isinstance(value.logits, Deferred):
-                        value.logits.pending = pending
+                    if value.device_copy is not None:
+                        value.device_copy.pending = pending
         return outputs
 
     def finish(self, item: DecodedImage, outputs: dict[str, ModelOutput]) -> ImageResult:
@@ -210,12 +210,12 @@ class Stages:
             oom = False
             try:
                 if spec.task == "severity":
-                    return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec)),
-                                                       members=members))
+                    return ModelOutput(device_copy=Deferred(transfer.add(postprocess.severity_on_device(logits, spec)),
+                                                            members=members))
                 mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
                 counts = postprocess.counts_on_device(mask, spec)
-                return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs),
-                                                   transfer.add(counts), members=members))
+                return ModelOutput(device_copy=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs),
+                                                        transfer.add(counts), members=members))
             except ValueError as err:
                 return ModelOutput.failed(f"postprocessing failed: {err}", "postprocess")
             except RuntimeError as err:
@@ -229,12 +229,12 @@ class Stages:
         return ModelOutput(logits=logits.cpu())
 
     def _postprocess(self, runner: Runner, output: ModelOutput, item: DecodedImage) -> ModelOutput:
-        if output.logits is None:
+        if output.logits is None and output.device_copy is None:
             return output
         spec = runner.loaded.spec
         try:
-            if isinstance(output.logits, Deferred):
-                d = output.logits
+            if output.device_copy is not None:
+                d = output.device_copy
                 assert d.pending is not None
                 if spec.task == "severity":
                     return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec, d.members))

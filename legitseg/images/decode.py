@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 # warnings.catch_warnings swaps process-wide filters; decode threads entering and leaving it
 # concurrently could leave "ignore" installed for good, so header checks take turns.
 _WARNINGS_LOCK = threading.Lock()
-DEFAULT_MAX_PIXELS = 100_000_000
 _CV_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # applies EXIF orientation, keeps 16-bit
 INTERPOLATION = {
     "linear": cv2.INTER_LINEAR,

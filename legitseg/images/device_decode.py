@@ -11,13 +11,12 @@ What a user can rely on (docs/architecture.md, tests/test_cuda.py): nvJPEG's IDC
 chroma upsampling are not libjpeg's, so decoded pixels differ from OpenCV's by a few
 levels; the bilinear resize differs from OpenCV's by at most one level; nearest is
 identical. Every decision here is made from the file's own header, so the same file
-always takes the same path. `LEGITSEG_GPU_DECODE=0` turns the path off.
+always takes the same path. `LEGITSEG_GPU_DECODE=0` turns the path off (options.Environment).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +28,6 @@ from legitseg.images.jpeg_plan import ORIENTATION, Frame, jpeg_frame, orientatio
 log = logging.getLogger(__name__)
 # Interpolations the device reproduces (bilinear within one level, nearest exactly).
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
-
-
-def enabled() -> bool:
-    return os.environ.get("LEGITSEG_GPU_DECODE", "1") != "0"
 
 
 def supports(preps: list[Prep]) -> bool:

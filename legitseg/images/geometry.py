@@ -21,6 +21,11 @@ def _round_div(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
 
+def stride_padding(h: int, w: int, stride: int) -> tuple[int, int]:
+    """Rows and columns of zeros that take (h, w) up to the next multiples of `stride` (`pad` models)."""
+    return (-h) % stride, (-w) % stride
+
+
 def letterbox_size(h: int, w: int, ih: int, iw: int) -> tuple[int, int]:
     """Size (rh, rw) of an h x w image scaled to fit ih x iw with its aspect ratio kept.
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from legitseg.fsio import atomic_write, cache_root
+from legitseg.fsio import atomic_write
 from legitseg.images.device_memory import out_of_memory
 from legitseg.inference.activation import activation
 from legitseg.inference.precision import LAYOUTS, VARIANT_TOLERANCE, variants
@@ -48,6 +48,7 @@ class Tunable(Protocol):
     layout: str
     half: torch.dtype | None
     pre: Preprocessor
+    cache_dir: Path | None  # the run's cache folder (options.Environment); None: nothing remembered
 
     @property
     def name(self) -> str: ...
@@ -57,8 +58,8 @@ class Tunable(Protocol):
     def use_variant(self, variant: str) -> None: ...
 
 
-def cache_file() -> Path:
-    return cache_root() / "layouts.json"
+def cache_file(cache_dir: Path) -> Path:
+    return cache_dir / "layouts.json"
 
 
 def cache_key(runner: Tunable, shape: tuple[int, ...]) -> str:
@@ -69,19 +70,23 @@ def cache_key(runner: Tunable, shape: tuple[int, ...]) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def _read_cache() -> dict[str, str]:
+def _read_cache(cache_dir: Path | None) -> dict[str, str]:
+    if cache_dir is None:
+        return {}
     try:
-        data = json.loads(cache_file().read_text())
+        data = json.loads(cache_file(cache_dir).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(key: str, variant: str) -> None:
-    data = _read_cache()
+def _write_cache(cache_dir: Path | None, key: str, variant: str) -> None:
+    if cache_dir is None:
+        return
+    data = _read_cache(cache_dir)
     data[key] = variant
     try:
-        atomic_write(cache_file(), json.dumps(data, indent=1, sort_keys=True).encode(), fsync=False)
+        atomic_write(cache_file(cache_dir), json.dumps(data, indent=1, sort_keys=True).encode(), fsync=False)
     except Exception as err:  # noqa: BLE001 - a cache that cannot be written costs a re-measure, nothing else
         log.debug("layout cache not written: %s", err)
 
@@ -113,7 +118,7 @@ def tune(runner: Tunable, arrays: list) -> None:
     with torch.inference_mode():
         x0 = runner.pre.pad(runner.pre.tensor(arrays))[0].contiguous()
     key = cache_key(runner, tuple(x0.shape))
-    cached = _read_cache().get(key)
+    cached = _read_cache(runner.cache_dir).get(key)
     if cached in variants(runner.precision):
         if cached != default:
             runner.use_variant(cached)
@@ -155,4 +160,4 @@ def tune(runner: Tunable, arrays: list) -> None:
         runner.use_variant(best)
     log.info("%s: %s, the fastest of %s", runner.name, best,
              ", ".join(f"{v} {1000 * t:.1f} ms" for v, t in timings.items()))
-    _write_cache(key, best)
+    _write_cache(runner.cache_dir, key, best)

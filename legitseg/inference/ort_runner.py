@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from legitseg.models.factory import LoadedModel
 
 log = logging.getLogger(__name__)
-THREADS_ENV = "LEGITSEG_ORT_THREADS"
 
 
 # -- threads ------------------------------------------------------------------------------
@@ -38,25 +38,6 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def ort_threads() -> int:
-    """ONNX Runtime intra-op threads: $LEGITSEG_ORT_THREADS, else every core this process may use.
-
-    Decode and writer threads spend most of their time in GIL-free OpenCV and
-    numpy calls, between forward passes; on 2 cores a whole run went 1.5x faster
-    with two intra-op threads than with one (docs/onnx.md). Raises UsageError.
-    """
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if not value:
-        return available_cores()
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise UsageError(f"${THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
-    return threads
-
-
 # -- sessions and the runner ---------------------------------------------------------------
 def ort_errors() -> tuple[type[Exception], ...]:
     """ONNX Runtime's own exception types (Fail, InvalidGraph, ...): they derive from Exception only."""
@@ -65,11 +46,16 @@ def ort_errors() -> tuple[type[Exception], ...]:
 
 
 def make_session(data: bytes, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session for a serialized graph; `threads` defaults to `ort_threads()`."""
+    """A CPU ONNX Runtime session for a serialized graph; `threads` defaults to every core this process may use.
+
+    Decode and writer threads spend most of their time in GIL-free OpenCV and numpy
+    calls, between forward passes; on 2 cores a whole run went faster with two intra-op
+    threads than with one (docs/onnx.md). The run's `$LEGITSEG_ORT_THREADS` arrives as `threads`.
+    """
     ort = import_ort()
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or ort_threads()
+    options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     # Idle intra-op threads sleep instead of spinning: in a run, decode and writer
     # threads need those cycles between forward passes.
@@ -80,12 +66,12 @@ def make_session(data: bytes, threads: int | None = None) -> Any:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def ort_session(loaded: LoadedModel, threads: int | None = None) -> Any:
-    """A session for `loaded` through the cache (for benchmarks; runs use `gate`).
+def ort_session(loaded: LoadedModel, threads: int | None = None, cache_dir: Path | None = None) -> Any:
+    """A session for `loaded` through the cache under `cache_dir` (for benchmarks; runs use `gate`).
 
     Raises ExportFailed. Does not run the parity gate.
     """
-    return make_session(cached_onnx(loaded).data, threads)
+    return make_session(cached_onnx(loaded, cache_dir).data, threads)
 
 
 @dataclass
@@ -134,19 +120,20 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int | None = None) -> GateResult:
+def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int | None = None,
+         cache_dir: Path | None = None) -> GateResult:
     """Export (or reuse) the model's graph and compare it with `reference` (a CPU fp32 torch runner).
 
     Returns an OrtRunner when the probabilities agree within `tolerance`, else the
     reference runner with the reason, which is also logged as a warning. Never raises
     for a model that cannot be exported or does not match: torch is always the fallback.
-    Raises UsageError for a bad $LEGITSEG_ORT_THREADS.
+    The graph is kept under `cache_dir` (None: exported for this process only).
     """
     name = loaded.spec.name
-    threads = threads or ort_threads()
+    threads = threads or available_cores()
     graph: CachedGraph | None = None
     try:
-        graph = cached_onnx(loaded)
+        graph = cached_onnx(loaded, cache_dir)
         runner = OrtRunner(loaded, make_session(graph.data, threads))
         figure = parity(reference, runner)
     except ExportFailed as err:

@@ -1,13 +1,21 @@
-"""The compute settings of a torch model: the autocast dtype per --precision, and the memory
-layouts that `layout_tuning.tune` chooses between.
+"""The compute settings of a torch model: the autocast dtype of a --precision, and the memory
+layouts that `layout_tuning.tune` chooses between. The precisions themselves, and where each
+runs, are named in `legitseg.manifest.choices.PRECISIONS`.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Autocast dtype per --precision; tf32 is fp32 storage with TensorFloat-32 matmuls and convolutions.
-PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The half precisions autocast to; fp32 and tf32 run in float32 (tf32: TensorFloat-32 matmuls
+# and convolutions, switched by torch_runner.tf32_switch).
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs a --precision in; None for the float32 ones."""
+    return _AUTOCAST.get(precision)
+
 
 # How a model runs on a GPU. Only the memory layout is chosen by timing (`layout_tuning.tune`):
 # both layouts compute the same function, so the choice cannot change what a user gets. Casting

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from legitseg.images.decoded import Prep
-from legitseg.images.geometry import content_slices
+from legitseg.images.geometry import content_slices, stride_padding
 from legitseg.inference.activation import activation
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class Preprocessor:
         """Zero-pad bottom/right to the model's stride (`pad` models); returns the unpadded size."""
         h, w = x.shape[-2:]
         if self.pad_to_stride:
-            ph, pw = (-h) % self.stride, (-w) % self.stride
+            ph, pw = stride_padding(h, w, self.stride)
             if ph or pw:
                 x = F.pad(x, (0, pw, 0, ph))
         return x, (h, w)

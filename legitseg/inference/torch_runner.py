@@ -1,4 +1,4 @@
-"""Device choice, math mode and the torch backend (SPEC 4.2, 4.5).
+"""Device choice, the TF32 switch and the torch backend (SPEC 4.2, 4.5).
 
 A `TorchRunner` wraps one loaded model on one device. Input arrays arrive as
 uint8 HWC from the decode workers; normalisation runs on the model's device so
@@ -12,6 +12,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from legitseg.errors import RuntimeFailure, UsageError
 from legitseg.images.decoded import Prep
-from legitseg.inference.precision import LAYOUTS, PRECISIONS
+from legitseg.inference.precision import LAYOUTS, autocast_dtype
 from legitseg.inference.runners import Preprocessor, prep_for
 
 if TYPE_CHECKING:
@@ -53,13 +54,6 @@ def choose_device(requested: str) -> torch.device:
     return device
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose fp32, tf32, fp16 or bf16")
-    if precision in ("fp16", "tf32") and device.type != "cuda":
-        raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 or bf16")
-
-
 # Where TensorFloat-32 is switched: (torch.backends path, legacy flag object). torch >= 2.9 spells it
 # `fp32_precision` ("ieee" | "tf32") on cuda.matmul and cudnn.conv; older torch only has `allow_tf32`.
 _TF32 = ((("cuda", "matmul"), ("cuda", "matmul")), (("cudnn", "conv"), ("cudnn",)))
@@ -77,14 +71,14 @@ def _new_api() -> bool:
 
 
 @contextlib.contextmanager
-def math_mode(precision: str) -> Iterator[None]:
+def tf32_switch(precision: str) -> Iterator[None]:
     """TensorFloat-32 off for fp32 (IEEE fp32 math on every device), on for tf32; restored after.
 
     PyTorch lets cuDNN use TF32 for convolutions by default, so without this an
     "fp32" run on an Ampere-or-newer GPU is not fp32. On torch >= 2.9 the switch goes
     through `fp32_precision`: reading the legacy `allow_tf32` flags raises once a
     caller has used that API ("mix of the legacy and new APIs"), so they are read only
-    where they answer (as provenance.math_mode does) and written back only where the
+    where they answer (as provenance.math_mode, which reports the effective math, does) and written back only where the
     restore left them reading differently, which keeps a caller on either API readable.
     Half precisions leave the flags as they are.
     """
@@ -114,7 +108,7 @@ def math_mode(precision: str) -> Iterator[None]:
 
 def half_weights(loaded: LoadedModel, precision: str) -> torch.dtype | None:
     """The half type a model's weights are cast to: its manifest asks (`half_weights`) and the run is fp16/bf16."""
-    return PRECISIONS[precision] if getattr(loaded.spec, "half_weights", False) else None
+    return autocast_dtype(precision) if getattr(loaded.spec, "half_weights", False) else None
 
 
 @dataclass
@@ -134,6 +128,7 @@ class TorchRunner:
     parity: float | None = None
     image_errors: tuple[type[BaseException], ...] = field(default=())
     tune_layout: bool | None = None  # None: on CUDA
+    cache_dir: Path | None = None  # the layout chosen is remembered under it (layouts.json); None: not remembered
 
     def __post_init__(self) -> None:
         self.prep: Prep = prep_for(self.loaded)
@@ -158,15 +153,15 @@ class TorchRunner:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits as float32 on the device."""
-        dtype = PRECISIONS[self.precision]
+        dtype = autocast_dtype(self.precision)
         if self.half is not None:  # weights in the half type already: the input follows, no autocast
             x, ctx = x.to(self.half), contextlib.nullcontext()
         else:
             ctx = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                    else contextlib.nullcontext())
-        # The math mode is switched around each forward call, never held across a caller's yield:
+        # TF32 is switched around each forward call, never held across a caller's yield:
         # two generators of different precisions may interleave in one thread (api.Predictor.predict).
-        with math_mode(self.precision), torch.inference_mode(), ctx:
+        with tf32_switch(self.precision), torch.inference_mode(), ctx:
             y = self.module(x)
         return y.float()
 

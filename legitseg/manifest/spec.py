@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from legitseg.errors import ManifestError, UsageError
+from legitseg.manifest.choices import AUTO, BACKEND_CHOICES
 from legitseg.manifest.colours import check_colors, check_labels, parse_colors
 from legitseg.manifest.modes import check_ensemble, check_modes, check_tile_size, expand_tta
 from legitseg.manifest.quality import QualityPolicy
@@ -89,7 +90,7 @@ class ModelSpec(BaseModel):
     temperature: float = Field(1.0, gt=0.0)
     class_values: tuple[float, ...] | None = None
     pooling: Literal["avg", "max"] = "avg"
-    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    backend: Literal[BACKEND_CHOICES] = AUTO  # the names of manifest/choices.py, written there once
     # Under --precision fp16/bf16, the weights themselves in the half type (no autocast): a
     # different arithmetic, so asked for by name and part of the settings digest (docs/manifest.md).
     half_weights: bool = False

@@ -26,8 +26,11 @@ class CheckResult:
     std: tuple[float, ...] | None = None
 
 
-def check_model(spec: ModelSpec) -> CheckResult:
-    """Never raises for a bad model: the problem is in the result's `error`."""
+def probe_model(spec: ModelSpec) -> CheckResult:
+    """Build `spec` with its verified weights and run one dummy forward (`legitseg models check`).
+
+    Never raises for a bad model: the problem is in the result's `error`.
+    """
     import torch
 
     from legitseg.models.factory import load_model
@@ -37,12 +40,7 @@ def check_model(spec: ModelSpec) -> CheckResult:
     except LegitsegError as err:
         return CheckResult(spec.name, False, error=str(err))
     norm = {"mean": loaded.mean, "std": loaded.std}
-    h, w = spec.probe_size
-    if spec.resize == "pad":
-        # Only pad models are padded at run time; a stretch model gets exactly input_size,
-        # so the dummy forward must too (padding it would hide a size the model refuses).
-        s = loaded.stride
-        h, w = h + (-h) % s, w + (-w) % s
+    h, w = loaded.probe_input_size()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, spec.in_channels, h, w, generator=gen)
     try:

@@ -25,6 +25,7 @@ from segmentation_models_pytorch.encoders._legacy_pretrained_settings import (
 from torch import nn
 
 from legitseg.errors import ManifestError, WeightsError
+from legitseg.images.geometry import stride_padding
 from legitseg.manifest.safe_yaml import clip, short
 from legitseg.manifest.spec import ModelSpec
 from legitseg.models.weights import (
@@ -35,7 +36,6 @@ from legitseg.models.weights import (
 )
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="segmentation_models_pytorch")
 
 
 class SeverityClassifier(nn.Module):
@@ -67,6 +67,16 @@ class LoadedModel:
     # Ensembles: every member, each with its single-file spec (`module` is the first one's).
     members: tuple[LoadedModel, ...] = ()
 
+    def probe_input_size(self) -> tuple[int, int]:
+        """(h, w) of a dummy input (models check, the ONNX export's example): the probe size,
+        padded to the stride for `pad` models as a run pads them. A stretch model gets exactly
+        its input_size: padding it would hide a size the model refuses."""
+        h, w = self.spec.probe_size
+        if self.spec.resize != "pad":
+            return h, w
+        ph, pw = stride_padding(h, w, self.stride)
+        return h + ph, w + pw
+
 
 def _check_timm_name(spec: ModelSpec) -> None:
     if not spec.encoder.startswith("tu-"):
@@ -91,6 +101,15 @@ def build_module(spec: ModelSpec) -> nn.Module:
     Raises ManifestError when smp or timm refuse the combination.
     """
     _check_timm_name(spec)
+    # smp's own deprecation notices are about its API, not the user's model: silenced around
+    # the call only, so no filter is left installed in the caller's process. catch_warnings
+    # swaps process-wide state; a run builds its models before its worker threads start.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="segmentation_models_pytorch")
+        return _build(spec)
+
+
+def _build(spec: ModelSpec) -> nn.Module:
     try:
         if spec.task == "severity":
             encoder = smp.encoders.get_encoder(spec.encoder, in_channels=spec.in_channels, weights=None)
@@ -167,7 +186,7 @@ def check_input_size(spec: ModelSpec, module: nn.Module, stride: int) -> None:
     if h % stride == 0 and w % stride == 0:
         return
     down = [v - v % stride for v in (h, w)]
-    up = [v + (-v) % stride for v in (h, w)]
+    up = [v + p for v, p in zip((h, w), stride_padding(h, w, stride), strict=True)]
     choices = " or ".join(str(c) for c in ([down] if min(down) > 0 else []) + [up])
     raise ManifestError(
         f"model {spec.name!r}, field '{field}': {[h, w]} is not divisible by {stride}, the output "

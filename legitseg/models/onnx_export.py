@@ -25,7 +25,7 @@ import torch
 
 from legitseg._version import __version__
 from legitseg.errors import LegitsegError
-from legitseg.fsio import atomic_write, cache_root
+from legitseg.fsio import atomic_write
 from legitseg.provenance import dist_version
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ OPSET = 17
 INPUT, OUTPUT = "input", "logits"
 # Bump when the way graphs are exported changes, so old cache entries are not reused.
 EXPORT_FORMAT = 1
-CACHE_ENV = "LEGITSEG_CACHE_DIR"
 
 
 class ExportFailed(LegitsegError):
@@ -46,12 +45,7 @@ class ExportFailed(LegitsegError):
 
 # -- export --------------------------------------------------------------------------------
 def _example_shape(loaded: LoadedModel) -> tuple[int, int, int, int]:
-    spec = loaded.spec
-    h, w = spec.probe_size
-    if spec.resize == "pad":
-        s = loaded.stride
-        h, w = h + (-h) % s, w + (-w) % s
-    return (2, spec.in_channels, h, w)
+    return (2, loaded.spec.in_channels, *loaded.probe_input_size())
 
 
 def dynamic_axes(loaded: LoadedModel) -> dict[str, dict[int, str]]:
@@ -121,9 +115,9 @@ def export_onnx(loaded: LoadedModel, opset: int = OPSET) -> bytes:
 
 
 # -- cache ---------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """$LEGITSEG_CACHE_DIR/onnx, else $XDG_CACHE_HOME/legitseg/onnx, else ~/.cache/legitseg/onnx."""
-    return cache_root() / "onnx"
+def cache_folder(cache_dir: Path) -> Path:
+    """Where graphs are kept under the run's cache folder (options.Environment.cache_dir)."""
+    return cache_dir / "onnx"
 
 
 def cache_fields(loaded: LoadedModel, opset: int = OPSET) -> dict[str, Any]:
@@ -176,6 +170,13 @@ def _read_cached(onnx_path: Path, meta_path: Path, fields: dict[str, Any]) -> by
     return data
 
 
+def _exported(loaded: LoadedModel, opset: int) -> bytes:
+    started = time.perf_counter()
+    data = export_onnx(loaded, opset)
+    log.info("%s: exported to ONNX in %.1fs", loaded.spec.name, time.perf_counter() - started)
+    return data
+
+
 @dataclass
 class CachedGraph:
     data: bytes
@@ -184,25 +185,27 @@ class CachedGraph:
     reused: bool
 
 
-def cached_onnx(loaded: LoadedModel, opset: int = OPSET) -> CachedGraph:
-    """The model's ONNX graph from the cache, or freshly exported and stored there.
+def cached_onnx(loaded: LoadedModel, cache_dir: Path | None, opset: int = OPSET) -> CachedGraph:
+    """The model's ONNX graph from the cache under `cache_dir`, or freshly exported and stored there
+    (with `cache_dir` None: exported and kept in memory only).
 
     An entry is used only when its metadata matches and the graph's sha256 is the
     one recorded when it was written; anything else is exported again. When the
     cache cannot be written the graph is used from memory for this run. Raises ExportFailed.
     """
     fields = cache_fields(loaded, opset)
+    if cache_dir is None:
+        data = _exported(loaded, opset)
+        return CachedGraph(data, hashlib.sha256(data).hexdigest(), None, False)
     key = cache_key(fields)
-    folder = cache_dir()
+    folder = cache_folder(cache_dir)
     onnx_path, meta_path = folder / f"{key}.onnx", folder / f"{key}.json"
     data = _read_cached(onnx_path, meta_path, fields)
     if data is not None:
         log.info("%s: using cached ONNX graph %s", loaded.spec.name, onnx_path)
         return CachedGraph(data, hashlib.sha256(data).hexdigest(), onnx_path, True)
-    started = time.perf_counter()
-    data = export_onnx(loaded, opset)
+    data = _exported(loaded, opset)
     digest = hashlib.sha256(data).hexdigest()
-    log.info("%s: exported to ONNX in %.1fs", loaded.spec.name, time.perf_counter() - started)
     meta = {"fields": fields, "onnx_sha256": digest, "model": loaded.spec.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:

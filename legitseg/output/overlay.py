@@ -91,7 +91,7 @@ def tint(rgb: np.ndarray, mask: np.ndarray, alpha: float = ALPHA, colours: Seque
 
     small = mask.dtype == np.uint8
     # Whole-image OpenCV passes (SIMD; no float copy and no boolean indexing of a 4000x3000
-    # photograph): 0.7 s -> about 0.1 s on 12 MP.
+    # photograph): several times faster on 12 MP (docs/benchmarks.md, "Numbers behind the defaults").
     present = (cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel() if small
                else np.bincount(mask.ravel(), minlength=2))
     labels = [int(v) for v in np.flatnonzero(present) if v != 0]

@@ -110,11 +110,14 @@ class SeverityResult:
 class ModelOutput:
     """One model's output for one image, on its way from the engine to a sink.
 
-    Exactly one of `logits` (not yet postprocessed), `result` or `error` is set.
-    `error_kind` says what failed: image (read/decode), forward, oom, postprocess.
+    Exactly one of `logits` (not yet postprocessed), `device_copy`, `result` or `error` is
+    set. `device_copy` is the GPU path's engine-private handle (engines/transfer.py): the
+    image's masks and probabilities postprocessed on the device, on their way to the host in
+    the batch's one copy. `error_kind` says what failed: image (read/decode), forward, oom, postprocess.
     """
 
     logits: Any = None
+    device_copy: Any = None
     result: SegmentationResult | SeverityResult | None = None
     error: str | None = None
     error_kind: str | None = None
