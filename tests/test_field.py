@@ -230,7 +230,7 @@ def test_14_an_unchanged_failed_image_is_not_retried_every_night(manifest, tmp_p
 
 def test_15_help_shows_defaults_and_usage_errors_are_one_line(tmp_path):
     help_text = " ".join(CliRunner().invoke(app, ["run", "--help"]).output.split())
-    assert "[default: 16 on CUDA, 4 on CPU]" in help_text and "<bool>" not in help_text
+    assert "[default: 32 on CUDA, 4 on CPU]" in help_text and "<bool>" not in help_text
     r = subprocess.run([sys.executable, "-m", "legitseg", "run", "x", "--bogus"], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO)
     assert r.returncode == 2
