@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from legitseg.errors import ImageError
-from legitseg.images.decode import DEFAULT_MAX_PIXELS, check_header, decode_rgb
+from legitseg.images.decode import check_header, decode_rgb
 from legitseg.images.quality import assess, current
+from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
 from legitseg.manifest.quality import Quality, QualityPolicy, judge
 from legitseg.output.records import ImageRecord
 from legitseg.output.writers import write_record
