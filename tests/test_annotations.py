@@ -277,3 +277,21 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporaries(out, tmp_pat
     r = invoke_cli("annotations", out, "-f", "coco", "-o", dest)
     assert r.returncode == 4 and "No space left on device" in r.stderr, r.stderr
     assert dest.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_memory_does_not_grow_with_the_number_of_images(out, tmp_path):
+    """Streaming: exporting 300 images peaks at about the memory of exporting 20."""
+    import tracemalloc
+
+    from benchmarks.annotations_bench import big_out
+    from legitseg.annotations.export import export
+
+    peaks = {}
+    for n in (20, 300):
+        big = big_out(out, tmp_path / f"out-{n}", n)
+        tracemalloc.start()
+        stats = export(big, "coco", tmp_path / f"{n}.json")
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert stats.images == n and stats.files == 1
+    assert peaks[300] < 1.3 * peaks[20], peaks
