@@ -25,11 +25,17 @@ $(RAY_STAMP): requirements_ray.txt $(STAMP)
 	$(BIN)/python -m pip install -q -r requirements_ray.txt
 	touch $(RAY_STAMP)
 
+# The optional DICOM extra (DICOM inputs, annotations --format dicom-seg), so that CI runs its tests too.
+DICOM_STAMP := $(VENV)/.installed-dicom
+$(DICOM_STAMP): requirements_dicom.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements_dicom.txt
+	touch $(DICOM_STAMP)
+
 # Which Python a fresh `make install` would use.
 python:
 	@$(SHELL) tools/find_python.sh >/dev/null
 
-test: install $(RAY_STAMP)
+test: install $(RAY_STAMP) $(DICOM_STAMP)
 	@$(SHELL) tools/ensure_chromium.sh
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
 

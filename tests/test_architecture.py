@@ -26,8 +26,9 @@ PACKAGE = REPO / "legitseg"
 # nothing of decoding or torch. verify/ sits above TOP because freezing a package runs a run.
 # The package itself (legitseg/__init__.py, the public API) and __main__ are the CLI's layer.
 LEAVES = {"legitseg._version", "legitseg.errors", "legitseg.fsio", "legitseg.provenance"}
-ORDER = ["LEAVES", "manifest", "output", "images", "models", "inference", "engines", "evaluate", "TOP",
-         "verify", "cli"]
+# annotations/ reads OUT as evaluate/ does (records, masks, probability maps) and sits beside it.
+ORDER = ["LEAVES", "manifest", "output", "images", "models", "inference", "engines", "evaluate", "annotations",
+         "TOP", "verify", "cli"]
 MAX_FLOORS = 12
 MAX_LINES = 400
 MODULES = sorted(PACKAGE.rglob("*.py"))

@@ -56,6 +56,8 @@ def _cases(d: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "run": (["run", str(d["images"]), "-o", str(root / "new"), "-m", m], "legitseg.api.run"),
         "evaluate": (["evaluate", out, str(root / "gt")], "legitseg.evaluate.scoring.evaluate"),
         "report": (["report", out, "-o", str(root / "r.html")], "legitseg.report.write_report"),
+        "annotations": (["annotations", out, "-f", "coco", "-o", str(root / "a.json")],
+                        "legitseg.annotations.export.export"),
         "summary": (["summary", out], "legitseg.summary.summary"),
         "info": (["info"], "legitseg.provenance.versions"),
         "info --json": (["info", "--json"], "legitseg.bom.bill_of_materials"),
@@ -107,7 +109,7 @@ def test_item3_unexpected_error_is_one_line_and_exit_4(done, monkeypatch, name):
     assert (r.exit_code, r.stderr) == (4, LINE), (r.output, r.exception)
 
 
-@pytest.mark.parametrize("name", ["evaluate", "report", "summary", "info", "export", "verify",
+@pytest.mark.parametrize("name", ["evaluate", "report", "annotations", "summary", "info", "export", "verify",
                                   "models list", "models check", "models hash", "models convert"])
 def test_item3_keyboard_interrupt_is_one_line_and_exit_130(done, monkeypatch, name):
     args, target = _cases(done)[name]

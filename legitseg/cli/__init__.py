@@ -13,6 +13,9 @@ import typer
 
 from legitseg._version import __version__
 from legitseg.cli import evaluate, misc, run, summary, verify
+from legitseg.cli.annotations import (
+    register as register_annotations,  # `from legitseg.cli import annotations` gives the __future__ feature
+)
 from legitseg.cli.common import click_errors, exit_code_for, set_root_verbose
 from legitseg.cli.models import models_app
 from legitseg.errors import EXIT_USAGE
@@ -45,6 +48,7 @@ misc.register(app)
 evaluate.register(app)
 verify.register(app)
 summary.register(app)
+register_annotations(app)
 
 
 def main() -> None:

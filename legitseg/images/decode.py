@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from legitseg.errors import ImageError
 from legitseg.fsio import sha256_bytes  # noqa: F401 - re-exported for the readers of images
+from legitseg.images import dicom
 from legitseg.images.containers import heif_header, jpeg_whole, png_end
 from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.geometry import letterbox_size
@@ -128,8 +129,11 @@ def check_header(data: bytes, max_pixels: int) -> str:
     decompression bomb is rejected before any pixel buffer exists. JPEG and PNG are
     walked segment by segment (chunk by chunk) to the marker that ends the image, so
     bytes after it (a motion photo's video, appended metadata) are allowed and a file
-    cut short is not. Returns the format name (JPEG, PNG, HEIF, ...). Raises ImageError.
+    cut short is not. A DICOM photograph is checked by `images/dicom.py`. Returns the format name (JPEG, PNG, HEIF, ...). Raises ImageError.
     """
+    if dicom.is_dicom(data):
+        dicom.check(data, max_pixels)
+        return "DICOM"
     heif = heif_header(data)
     try:
         if heif is not None:
@@ -218,6 +222,8 @@ def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
     """Decode to oriented 8-bit RGB (H, W, 3)."""
     if fmt == "HEIF":
         return decode_heif(data)
+    if fmt == "DICOM":
+        return dicom.decode(data)
     if fmt == "TIFF":
         rgb = _tiff_unassociated_alpha(data)
         if rgb is not None:

@@ -31,7 +31,7 @@ __all__ = ["IMAGE_SUFFIXES", "OUT_MARKER", "Discovery", "Found", "Source", "disc
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif",
-                  ".heic", ".heif")
+                  ".heic", ".heif", ".dcm")
 OUT_MARKER = ".legitseg-out"  # written into every OUT; older OUTs have .legitseg.lock + records/
 _OLD_LOCK, _OLD_RECORDS = ".legitseg.lock", "records"
 

@@ -1,0 +1,1 @@
+"""`legitseg annotations`: an OUT's masks as COCO, GeoJSON or DICOM Segmentation files."""
