@@ -91,7 +91,7 @@ class ModelSpec(BaseModel):
     # Under --precision fp16/bf16, the weights themselves in the half type (no autocast): a
     # different arithmetic, so asked for by name and part of the settings digest (docs/manifest.md).
     half_weights: bool = False
-    # Largest allowed difference in probabilities between ONNX Runtime and torch (docs/onnx.md).
+    # Largest logit difference between ONNX Runtime and torch, relative to the largest logit (docs/onnx.md).
     parity_tolerance: float = Field(1e-4, gt=0.0, le=1.0)
     # Glob patterns of keys in the weights file that the model does not have and that
     # are dropped before the strict load (e.g. the aux_params head: classification_head.*).
