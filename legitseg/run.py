@@ -294,6 +294,7 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
             models[spec.name]["colors"] = Style.of(spec).hex_colours()
     for r in runners:
         models[r.name].update(backend=r.backend, parity=r.parity, parity_gate=getattr(r, "parity_gate", None),
+                              decode=r.loaded.spec.decode,
                               variant=getattr(r, "variant", None),
                               build_seconds=round(r.loaded.build_seconds, 3))
     run_json = cfg.out / "run.json"

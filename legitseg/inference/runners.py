@@ -45,7 +45,7 @@ class Runner(Protocol):
 def prep_for(loaded: LoadedModel) -> Prep:
     spec = loaded.spec
     return Prep(spec.resize, spec.input_size if spec.resize in ("stretch", "letterbox") else None,
-                spec.interpolation, spec.in_channels)
+                spec.interpolation, spec.in_channels, spec.decode == "reduced")
 
 
 @dataclass

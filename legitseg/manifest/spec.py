@@ -81,6 +81,8 @@ class ModelSpec(BaseModel):
     input_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
     resize: Literal["stretch", "pad", "letterbox", "tile"] = "stretch"
     interpolation: Literal["linear", "area", "cubic", "nearest"] = "linear"
+    # JPEGs much larger than input_size decoded at 1/2-1/8 by libjpeg (stretch only; docs/manifest.md).
+    decode: Literal["full", "reduced"] = "full"
     normalize: Normalize | None = None
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     arch_params: dict[str, Any] = Field(default_factory=dict)
@@ -219,6 +221,9 @@ class ModelSpec(BaseModel):
         check_colors(self)
         if self.resize in ("stretch", "letterbox") and self.input_size is None:
             raise ValueError(f"'input_size' [height, width] is required when resize is '{self.resize}'")
+        if self.decode == "reduced" and self.resize != "stretch":
+            raise ValueError(f"'decode: reduced' needs resize 'stretch', not '{self.resize}' (pad and tile models "
+                             "see the photo's own pixels; letterbox is not supported)")
         check_modes(self, given)
         check_ensemble(self)
         if self.normalize is not None and len(self.normalize.mean) != self.in_channels:
