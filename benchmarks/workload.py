@@ -31,12 +31,14 @@ class BenchModel:
     arch: str | None = None
     classes: int = 1
     tta: tuple[str, ...] = ()
+    decode: str = "full"  # "reduced": the manifest's `decode: reduced` (issue 26)
 
     @property
     def label(self) -> str:
         what = f"{self.arch}+{self.encoder}" if self.arch else f"{self.encoder} severity"
         at = f"@{self.size[0]}" if self.size[0] == self.size[1] else f"@{self.size[0]}x{self.size[1]}"
-        return f"{what} {at}" + (f" tta {'+'.join(self.tta)}" if self.tta else "")
+        return (f"{what} {at}" + (f" tta {'+'.join(self.tta)}" if self.tta else "")
+                + (" decode reduced" if self.decode == "reduced" else ""))
 
     def manifest_fields(self) -> dict:
         fields = {"task": self.task, "encoder": self.encoder, "classes": self.classes,
@@ -45,6 +47,8 @@ class BenchModel:
             fields["arch"] = self.arch
         if self.tta:
             fields["tta"] = list(self.tta)
+        if self.decode != "full":
+            fields["decode"] = self.decode
         return fields
 
 
@@ -57,6 +61,8 @@ PRODUCTION = {
         BenchModel("severity_b2_384", "severity", "efficientnet-b2", (384, 384), classes=10),
         BenchModel("dlv3p_b2_384_hflip", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus",
                    tta=("hflip",)),
+        BenchModel("dlv3p_b2_384_reduced", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus",
+                   decode="reduced"),
     )
 }
 TINY_ENCODER = "tu-test_resnet.r160_in1k"  # smp's own test encoder, ~0.4M parameters
@@ -67,6 +73,7 @@ TINY = {
         BenchModel("tiny_seg_96", "segmentation", TINY_ENCODER, (96, 96), arch="Unet"),
         BenchModel("tiny_sev_64", "severity", TINY_ENCODER, (64, 64), classes=10),
         BenchModel("tiny_seg_64_hflip", "segmentation", TINY_ENCODER, (64, 64), arch="Unet", tta=("hflip",)),
+        BenchModel("tiny_seg_64_reduced", "segmentation", TINY_ENCODER, (64, 64), arch="Unet", decode="reduced"),
     )
 }
 
