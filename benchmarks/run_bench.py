@@ -382,6 +382,13 @@ class Bench:
         for variable, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", "1")):
             self.row(f"sweep {variable}={value}", [mode.primary], mode.small, mode.n, cpu, "fp32",
                      env={variable: value})
+        # Issue 26: the cores split between ONNX Runtime's intra-op threads and legitseg's decode pool
+        # (default backend, the calibrated model), 1024x768 and 12 MP.
+        for size, n, where in ((mode.small, mode.n, "1024x768"), (mode.large, mode.n_large, "12 MP")):
+            for threads, workers in ((2, 1), (1, 1), (2, 2), (1, 2)):
+                self.row(f"sweep {where} ORT threads {threads} workers {workers}", [mode.primary], size, n, cpu,
+                         "fp32", backend="auto", env={"LEGITSEG_ORT_THREADS": str(threads)},
+                         extra=["--workers", str(workers)])
 
     # -- the whole plan --------------------------------------------------------------------
     def cpu_rows(self) -> None:
@@ -449,9 +456,10 @@ class Bench:
     def gpu_images(self, models: int = 1) -> int:
         """Images for a 1024x768 GPU row: --gpu-images, or with --gpu-seconds enough for that long at the
         expected legitseg rate (--gpu-rate, shared by `models` models), never at the forward bound."""
+        least = 3 * self.args.gpu_batch  # the first batch is warm-up: two more make a steady state
         if not self.args.gpu_seconds:
-            return self.mode.n_gpu
-        return max(self.mode.n_gpu, math.ceil(self.args.gpu_rate / models * self.args.gpu_seconds / 32) * 32)
+            return max(self.mode.n_gpu, least)
+        return max(self.mode.n_gpu, least, math.ceil(self.args.gpu_rate / models * self.args.gpu_seconds / 32) * 32)
 
     def gpu_rows(self, gpu: torch.device | None = None) -> None:
         """The device check's rows (issue 25): batch 32, the GPU-decode run and a LEGITSEG_GPU_DECODE=0 run
@@ -474,8 +482,8 @@ class Bench:
             self.targets.append({"row": twin["row"], "what": f"{twin['row']}: masks vs GPU decode <= 0.001 of pixels",
                                  "ok": ok, "value": twin["targets"]})
             self.write_partial()
-        self.row("GPU large images", one, mode.large, mode.n_gpu_large, gpu, half, targets=GPU_LARGE_TARGETS,
-                 extra=batch)
+        self.row("GPU large images", one, mode.large, max(mode.n_gpu_large, 3 * self.args.gpu_batch), gpu, half,
+                 targets=GPU_LARGE_TARGETS, extra=batch)
         self.row("GPU two models", two, mode.small, self.gpu_images(2), gpu, half, targets=GPU_TWO_TARGETS,
                  extra=batch)
         self.row("GPU single model fp32", one, mode.small, self.gpu_images(), gpu, "fp32", targets=GPU_TARGETS,
