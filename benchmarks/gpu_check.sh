@@ -30,8 +30,10 @@ plan (budget ${BUDGET} s; the device tool stops a command at 600 s):
   0-${PREFLIGHT} s      install .whl/ into /tmp/site; preflight: Python vs wheels, every runtime import,
                  one batched nvJPEG decode (1024x768 + 4000x3000), a two-batch legitseg run
   ${PREFLIGHT}-$(( PREFLIGHT + BENCH )) s     bench first (nvidia-smi dmon in the background, JSON after every row):
-                 forward bounds at batch 32 (fp16, fp32), legitseg runs with --batch-size 32,
-                 LEGITSEG_GPU_DECODE=0 beside the GPU-decode run on the same photos
+                 forward bounds at batch 32 only (fp16 each variant, fp32), legitseg runs with
+                 --batch-size 32 and images for ${GPU_SECONDS:-15} s at an expected ${GPU_RATE:-150} img/s (not the bound),
+                 LEGITSEG_GPU_DECODE=0 beside the GPU-decode run on the same photos (masks compared),
+                 calibrated heads (mask area printed per row)
   $(( PREFLIGHT + BENCH ))-${BUDGET} s    tests with what is left (${tests} s): test_cuda, test_gpu_second_pass,
                  test_device_path, test_precision
 EOF
@@ -154,7 +156,13 @@ PY
 plan
 preflight
 if (( DRY )); then
-  say "dry run: stopping before the GPU steps (nvidia-smi, bench, CUDA tests)"
+  # The GPU rows' code on the CPU with the tiny models: sizing, batch 32, the LEGITSEG_GPU_DECODE=0 twin and
+  # its mask comparison, JSON after every row. Numbers mean nothing; a failure here would fail there.
+  timeout 300 "$PY" benchmarks/run_bench.py --tiny --gpu-dry-run --work /tmp/bench-dry --gpu-seconds 1 \
+    --gpu-rate 64 --out-md "$OUT/benchmarks-dry.md" --out-json "$OUT/benchmarks-dry.json" 2>&1 \
+    | tee "$OUT/bench-dry.log" | grep -E "^\[|GPU|MISS" | tail -20
+  (( PIPESTATUS[0] == 0 )) || fail "the GPU rows failed on the CPU (see $OUT/bench-dry.log)"
+  say "dry run: GPU rows ran on the CPU; stopping before the GPU steps (nvidia-smi, bench, CUDA tests)"
   exit 0
 fi
 
@@ -163,7 +171,7 @@ nvidia-smi -L | tee -a "$OUT/gpu.txt"
 nvidia-smi dmon -s pucm -d 1 > "$OUT/dmon.txt" 2>&1 &
 dmon=$!
 timeout "$BENCH" "$PY" benchmarks/run_bench.py --device cuda --quick --work /tmp/bench \
-  --gpu-batch-sizes 32 --min-time 1 --gpu-seconds "${GPU_SECONDS:-15}" \
+  --gpu-batch-sizes 32 --gpu-batch 32 --min-time 1 --gpu-seconds "${GPU_SECONDS:-15}" --gpu-rate "${GPU_RATE:-150}" \
   --gpu-large-images "${GPU_LARGE_IMAGES:-600}" --loop-images 48 \
   --out-md "$OUT/benchmarks-gpu.md" --out-json "$OUT/benchmarks-gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -70
 cp /tmp/bench/out/*.stderr.log "$OUT/" 2>/dev/null

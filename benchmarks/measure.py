@@ -231,6 +231,8 @@ class RunResult:
     backends: dict[str, str]
     command: list[str]
     profile: dict | None = None  # LEGITSEG_PROFILE's JSON: GPU busy share, main-thread CPU, syncs
+    area_fraction: float | None = None  # mean mask area over the run's masks (scores.jsonl); None: no masks
+    parity_gate: dict = field(default_factory=dict)  # model -> run.json's parity_gate (the rule's figures)
 
 
 class RunFailed(RuntimeError):
@@ -324,7 +326,37 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
         images=expected, wall_s=t_end - t0, startup_s=times[0] - t0, steady_img_s=steady, k=k,
         peak_rss_mb=peak / 2**20, batch_size=run_json.get("batch_size"),
         workers=run_json.get("workers"),
-        backends={m: v.get("backend", "torch") for m, v in models.items()}, command=command)
+        backends={m: v.get("backend", "torch") for m, v in models.items()}, command=command,
+        area_fraction=mean_area(out), parity_gate={m: v.get("parity_gate") for m, v in models.items()})
+
+
+def mean_area(out: Path) -> float | None:
+    """Mean foreground area fraction of the masks a run wrote (scores.jsonl): a random head
+    marks every pixel or none (0 or 1); the calibrated head about half of each photo."""
+    areas = []
+    path = out / "scores.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        area = json.loads(line).get("area_fraction")
+        if isinstance(area, dict) and area:
+            areas.append(sum(area.values()))
+    return sum(areas) / len(areas) if areas else None
+
+
+def mask_agreement(a: Path, b: Path) -> dict:
+    """Two runs of the same images compared mask by mask: the share of pixels that differ
+    (largest and overall) and how many masks are byte-identical."""
+    names = sorted(p.relative_to(a) for p in (a / "masks").rglob("*.png"))
+    differ, total, worst, same = 0, 0, 0.0, 0
+    for name in names:
+        x = cv2.imread(str(a / name), cv2.IMREAD_UNCHANGED)
+        y = cv2.imread(str(b / name), cv2.IMREAD_UNCHANGED)
+        if y is None or x.shape != y.shape:
+            return {"masks": len(names), "missing_or_other_size": str(name)}
+        d = int(np.count_nonzero(x != y))
+        differ, total, same = differ + d, total + x.size, same + (d == 0)
+        worst = max(worst, d / x.size)
+    return {"masks": len(names), "identical": same, "changed_share": differ / total if total else 0.0,
+            "worst_mask_changed_share": worst}
 
 
 # -- legitseg's own steps, one image at a time --------------------------------------------------

@@ -47,6 +47,15 @@ GPU_TWO_TARGETS = {"c_over_a": 0.8}
 # 12 MP phone photos on the CPU (issue 10): against the researcher's loop and torch's forward bound,
 # whichever backend the row runs (onnxruntime is the CPU default).
 LARGE_TARGETS = {"c_over_b": 1.3, "c_over_torch_a": 0.6}
+# Issue 26: the default backend (ONNX Runtime once the sharp model passes the gate) against ONNX
+# Runtime's own forward bound (a') and the researcher's loop; 12 MP with the default decode and
+# with `decode: reduced`.
+DEFAULT_TARGETS = {"c_over_ort": 0.85, "c_over_b": 2.0}
+DEFAULT_LARGE_TARGETS = {"c_over_ort": 0.45, "c_over_b": 1.8}
+REDUCED_LARGE_TARGETS = {"c_over_ort": 0.6}
+# A GPU row's expected legitseg rate (img/s) sizes its image set: the forward bound (~1000 img/s
+# at fp16) would ask for more images than the device check's minutes allow.
+GPU_EXPECTED_RATE = 150.0
 
 
 @dataclass
@@ -112,6 +121,8 @@ class Bench:
         self.ceilings: list[dict] = []
         self.failures = 0
         self.manifest: Path | None = None
+        self.json_path: Path | None = None  # written after every row (a stopped run keeps what it measured)
+        self.started = time.monotonic()
         self.onnx = (not args.no_onnx) and importlib.util.find_spec("legitseg.models.onnx_export") is not None
         # One ONNX graph cache for this process (the onnxruntime bound exports into it) and the
         # legitseg subprocesses, so that their start-up does not include a cold export.
@@ -146,6 +157,9 @@ class Bench:
     # -- measurements, each done once ------------------------------------------------------
     def bound(self, name: str, device: torch.device, precision: str, backend: str = "torch",
               sizes: list[int] | None = None) -> measure.ForwardBound:
+        base = name.removesuffix("_reduced")
+        if base != name and base in self.mode.models:  # the same network: decoding is not in the bound
+            name = base
         key = (name, device.type, precision, backend)
         if key in self.bounds:
             return self.bounds[key]
@@ -214,6 +228,9 @@ class Bench:
         a = measure.combined_rate([b.best[2] for b in bounds])
         how = " + ".join(f"{b.best[0]}, {b.best[1]}" for b in bounds)
         b_rate = self.loop(tuple(names), folder, device).img_s
+        ort_a = None
+        if self.onnx and device.type == "cpu" and precision == "fp32":
+            ort_a = measure.combined_rate([self.bound(n, device, "fp32", "onnxruntime").best[2] for n in names])
         tag = f"{label}".replace(" ", "_").replace("/", "-")
         try:
             c = self.run(names, folder, n, str(device), precision, backend, tag, extra, env)
@@ -233,10 +250,16 @@ class Bench:
             "device": f"{device} {precision} {backend}",
             "bound_img_s": a,
             "bound_how": how,
+            "ort_bound_img_s": ort_a,
             "researcher_img_s": b_rate,
             "legitseg_img_s": c.steady_img_s,
             "c_over_a": c.steady_img_s / a,
             "c_over_b": c.steady_img_s / b_rate if b_rate else None,
+            "c_over_ort": c.steady_img_s / ort_a if ort_a else None,
+            "ran": ", ".join(f"{m} {b}" for m, b in sorted(c.backends.items())),
+            "area_fraction": c.area_fraction,
+            "parity_gate": c.parity_gate,
+            "out": str(self.work / "out" / tag),
             "startup_s": c.startup_s,
             "peak_rss_mb": c.peak_rss_mb if c2 is None else
             f"{c.peak_rss_mb:.0f} (N={n}) / {c2.peak_rss_mb:.0f} (2N={2 * n})",
@@ -247,16 +270,35 @@ class Bench:
             "backends": c.backends,
             "profile": c.profile,
         }
-        if set(c.backends.values()) != {backend}:
+        if backend != "auto" and set(c.backends.values()) != {backend}:
             row["targets"] = f"backend used: {c.backends}"
         if ceiling or (targets and "c_over_ceiling" in targets):
             self.ceiling(row, folder, self.work / "out" / tag, device, a)
         if targets:
             row["targets"] = self.check(label, row, c, c2, targets, names, device)
         self.rows.append(row)
-        self.say(f"    {label}: (a) {a:.2f}  (b) {b_rate or 0:.2f}  (c) {c.steady_img_s:.2f} img/s, "
-                 f"start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB")
+        area = "-" if c.area_fraction is None else f"{c.area_fraction:.3f}"
+        self.say(f"    {label}: (a) {a:.2f}  (a') {ort_a or 0:.2f}  (b) {b_rate or 0:.2f}  (c) {c.steady_img_s:.2f} "
+                 f"img/s, start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB, ran {row['ran']}, "
+                 f"mask area {area}")
+        self.write_partial()
         return row
+
+    def results(self) -> dict:
+        """Everything measured so far, as the JSON file and the report take it."""
+        return {
+            "mode": self.mode.name, "section": self.args.section,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "finished": time.strftime("%Y-%m-%d %H:%M %Z"), "seconds": time.monotonic() - self.started,
+            "machine": self.machine, "load_average_end": [round(v, 2) for v in os.getloadavg()],
+            "rows": self.rows, "forward": [b.as_dict() for b in self.bounds.values()], "stages": self.stages,
+            "not_measured": self.not_measured, "targets": self.targets, "ceilings": self.ceilings,
+            "columns": [key for key, _ in report.COLUMNS],
+        }
+
+    def write_partial(self) -> None:
+        if self.json_path is not None:
+            report.write_json(self.json_path, self.results())
 
     def check(self, label: str, row: dict, c: measure.RunResult, c2: measure.RunResult | None,
               targets: dict, names: list[str], device: torch.device) -> str:
@@ -269,6 +311,9 @@ class Bench:
         if "c_over_a" in targets:
             t = targets["c_over_a"]
             verdict(f"(c)/(a) >= {t}", row["c_over_a"] >= t, f"{row['c_over_a']:.2f}")
+        if "c_over_ort" in targets and row["c_over_ort"] is not None:
+            t = targets["c_over_ort"]
+            verdict(f"(c)/(a') >= {t}", row["c_over_ort"] >= t, f"{row['c_over_ort']:.2f}")
         if "c_over_b" in targets and row["c_over_b"] is not None:
             t = targets["c_over_b"]
             verdict(f"(c)/(b) >= {t}", row["c_over_b"] >= t, f"{row['c_over_b']:.2f}")
@@ -340,6 +385,13 @@ class Bench:
         for variable, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", "1")):
             self.row(f"sweep {variable}={value}", [mode.primary], mode.small, mode.n, cpu, "fp32",
                      env={variable: value})
+        # Issue 26: the cores split between ONNX Runtime's intra-op threads and legitseg's decode pool
+        # (default backend, the calibrated model), 1024x768 and 12 MP.
+        for size, n, where in ((mode.small, mode.n, "1024x768"), (mode.large, mode.n_large, "12 MP")):
+            for threads, workers in ((2, 1), (1, 1), (2, 2), (1, 2)):
+                self.row(f"sweep {where} ORT threads {threads} workers {workers}", [mode.primary], size, n, cpu,
+                         "fp32", backend="auto", env={"LEGITSEG_ORT_THREADS": str(threads)},
+                         extra=["--workers", str(workers)])
 
     # -- the whole plan --------------------------------------------------------------------
     def cpu_rows(self) -> None:
@@ -369,6 +421,18 @@ class Bench:
             if mode.name != "tiny":
                 self.row("large images onnxruntime", [mode.primary], mode.large, mode.n_large, cpu, "fp32",
                          backend="onnxruntime", targets=LARGE_TARGETS)
+            # Issue 26: the default backend (whatever the gate decides for the calibrated model: `ran`),
+            # 1024x768 and 12 MP, the default decode and `decode: reduced`.
+            reduced = f"{mode.primary}_reduced"
+            if mode.name != "tiny":
+                self.row("single model default", [mode.primary], mode.small, mode.n, cpu, "fp32", backend="auto",
+                         targets=DEFAULT_TARGETS)
+                self.row("single model default decode reduced", [reduced], mode.small, mode.n, cpu, "fp32",
+                         backend="auto")
+                self.row("large images default", [mode.primary], mode.large, mode.n_large, cpu, "fp32",
+                         backend="auto", targets=DEFAULT_LARGE_TARGETS)
+            self.row("large images default decode reduced", [reduced], mode.large, mode.n_large, cpu, "fp32",
+                     backend="auto", targets=REDUCED_LARGE_TARGETS)
         else:
             why = "--no-onnx" if self.args.no_onnx else "legitseg has no onnxruntime backend (legitseg/models/onnx_export.py)"
             self.not_measured.append(f"ONNX Runtime rows (forward bound through onnxruntime, legitseg run "
@@ -392,24 +456,43 @@ class Bench:
         self.stage_profile(mode.primary, mode.small, mode.n, cpu, "fp32")
         self.stage_profile(mode.primary, mode.large, mode.n_large, cpu, "fp32")
 
-    def gpu_images(self, names: list[str], precision: str) -> int:
-        """Images for a 1024x768 GPU row: --gpu-images, or with --gpu-seconds enough for that long at (a)."""
+    def gpu_images(self, models: int = 1) -> int:
+        """Images for a 1024x768 GPU row: --gpu-images, or with --gpu-seconds enough for that long at the
+        expected legitseg rate (--gpu-rate, shared by `models` models), never at the forward bound."""
+        least = 3 * self.args.gpu_batch  # the first batch is warm-up: two more make a steady state
         if not self.args.gpu_seconds:
-            return self.mode.n_gpu
-        gpu = torch.device("cuda:0")
-        a = measure.combined_rate([self.bound(n, gpu, precision).best[2] for n in names])
-        return max(self.mode.n_gpu, math.ceil(a * self.args.gpu_seconds / 64) * 64)
+            return max(self.mode.n_gpu, least)
+        return max(self.mode.n_gpu, least, math.ceil(self.args.gpu_rate / models * self.args.gpu_seconds / 32) * 32)
 
-    def gpu_rows(self) -> None:
-        mode, gpu = self.mode, torch.device("cuda:0")
+    def gpu_rows(self, gpu: torch.device | None = None) -> None:
+        """The device check's rows (issue 25): batch 32, the GPU-decode run and a LEGITSEG_GPU_DECODE=0 run
+        on the same photos compared mask by mask. `gpu` cpu: the same rows on the CPU (--gpu-dry-run)."""
+        mode, gpu = self.mode, gpu or torch.device("cuda:0")
+        half = "fp16" if gpu.type == "cuda" else "fp32"
+        batch = ["--batch-size", str(self.args.gpu_batch)]
         one, two = [mode.gpu_primary], [mode.gpu_primary, mode.expert]
-        self.row("GPU single model", one, mode.small, self.gpu_images(one, "fp16"), gpu, "fp16", targets=GPU_TARGETS)
-        self.row("GPU large images", one, mode.large, mode.n_gpu_large, gpu, "fp16", targets=GPU_LARGE_TARGETS)
-        self.row("GPU two models", two, mode.small, self.gpu_images(two, "fp16"), gpu, "fp16", targets=GPU_TWO_TARGETS)
-        self.row("GPU single model fp32", one, mode.small, self.gpu_images(one, "fp32"), gpu, "fp32",
-                 targets=GPU_TARGETS)
-        self.stage_profile(mode.gpu_primary, mode.small, mode.n_gpu, gpu, "fp16")
-        self.stage_profile(mode.gpu_primary, mode.large, mode.n_gpu_large, gpu, "fp16")
+        n = self.gpu_images()
+        first = self.row("GPU single model", one, mode.small, n, gpu, half, targets=GPU_TARGETS, extra=batch)
+        twin = self.row("GPU single model, LEGITSEG_GPU_DECODE=0", one, mode.small, n, gpu, half, extra=batch,
+                        env={"LEGITSEG_GPU_DECODE": "0"})
+        if first and twin:  # nvJPEG against the CPU decoder on the same photos (issue 25, item 1)
+            same = measure.mask_agreement(Path(first["out"]), Path(twin["out"]))
+            twin["compare"] = same
+            ok = same.get("changed_share", 1.0) <= 1e-3 and "missing_or_other_size" not in same
+            twin["targets"] = (f"masks vs GPU decode: {same.get('identical')}/{same['masks']} identical, "
+                               f"{same.get('changed_share', float('nan')):.2g} of pixels differ"
+                               + ("" if ok else " MISS (<= 0.001)"))
+            self.targets.append({"row": twin["row"], "what": f"{twin['row']}: masks vs GPU decode <= 0.001 of pixels",
+                                 "ok": ok, "value": twin["targets"]})
+            self.write_partial()
+        self.row("GPU large images", one, mode.large, max(mode.n_gpu_large, 3 * self.args.gpu_batch), gpu, half,
+                 targets=GPU_LARGE_TARGETS, extra=batch)
+        self.row("GPU two models", two, mode.small, self.gpu_images(2), gpu, half, targets=GPU_TWO_TARGETS,
+                 extra=batch)
+        self.row("GPU single model fp32", one, mode.small, self.gpu_images(), gpu, "fp32", targets=GPU_TARGETS,
+                 extra=batch)
+        self.stage_profile(mode.gpu_primary, mode.small, mode.n_gpu, gpu, half)
+        self.stage_profile(mode.gpu_primary, mode.large, mode.n_gpu_large, gpu, half)
 
 
 def _stopped(signum: int, frame: object) -> None:
@@ -433,6 +516,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-large-images", dest="n_gpu_large", type=int, help="images in the 4000x3000 GPU row")
     p.add_argument("--gpu-seconds", type=float,
                    help="1024x768 GPU rows: enough images for about this many seconds at the row's forward bound")
+    p.add_argument("--gpu-rate", type=float, default=GPU_EXPECTED_RATE,
+                   help="expected legitseg img/s of a 1024x768 GPU row, for --gpu-seconds (not the forward bound)")
+    p.add_argument("--gpu-batch", type=int, default=32, help="--batch-size of the GPU rows' legitseg runs")
+    p.add_argument("--gpu-dry-run", action="store_true",
+                   help="the GPU rows' mechanics on the CPU (fp32, tiny sizes with --tiny): no CPU rows")
     p.add_argument("--gpu-unique", type=int, default=512,
                    help="distinct 1024x768 pictures in a larger image set, or as many megapixels of larger ones "
                         "(the rest are hard links to them)")
@@ -456,18 +544,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not cuda:
         print("run_bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    do_cpu = args.device in ("auto", "cpu")
-    do_gpu = args.device == "cuda" or (args.device == "auto" and cuda)
+    do_cpu = args.device in ("auto", "cpu") and not args.gpu_dry_run
+    do_gpu = args.device == "cuda" or (args.device == "auto" and cuda) or args.gpu_dry_run
     section = "+".join(d for d, on in (("cpu", do_cpu), ("cuda", do_gpu)) if on)
+    args.section = section
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "out", ignore_errors=True)
-    started = time.monotonic()
-    machine = report.machine([torch.cuda.get_device_name(0)] if do_gpu else [])
+    machine = report.machine([torch.cuda.get_device_name(0)] if do_gpu and cuda else [])
     bench = Bench(mode, work, args, machine)
+    out_json = args.out_json or work / f"results-{mode.name}-{section}.json"
+    bench.json_path = out_json
 
     names = [mode.primary, mode.expert] + (mode.heavy if do_cpu and mode.n_heavy else [])
-    names += [f"{mode.primary}_hflip"] if do_cpu else []
+    names += [f"{mode.primary}_hflip", f"{mode.primary}_reduced"] if do_cpu else []
     names += [mode.gpu_primary] if do_gpu else []
     bench.prepare(list(dict.fromkeys(names)))
     gpu_what = (f"GPU rows ({mode.models[mode.gpu_primary].label} fp16: forward bound, researcher's loop, "
@@ -480,38 +570,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bench.not_measured.append("CPU rows: not measured, --device cuda")
         if do_gpu:
-            bench.gpu_rows()
+            bench.gpu_rows(torch.device("cpu") if args.gpu_dry_run and not cuda else None)
     except KeyboardInterrupt:
         bench.failures += 1
         bench.not_measured.append("the bench was stopped (SIGTERM or Ctrl-C) before it finished: the rows after "
                                   "the last one shown were not measured")
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if args.gpu_dry_run:
+        bench.not_measured.append("GPU rows: --gpu-dry-run ran their mechanics on the CPU; no GPU numbers")
     if not do_gpu:
         why = "no GPU here (torch.cuda.is_available() is False)" if not cuda else "--device cpu"
         bench.not_measured.append(f"{gpu_what}: not measured, {why}")
 
-    python = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) \
-        else Path(sys.executable).name
-    results = {
-        "mode": mode.name,
-        "section": section,
-        "command": " ".join([python, *sys.argv]),
-        "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "seconds": time.monotonic() - started,
-        "machine": machine,
-        "load_average_end": [round(v, 2) for v in os.getloadavg()],
-        "rows": bench.rows,
-        "forward": [b.as_dict() for b in bench.bounds.values()],
-        "stages": bench.stages,
-        "not_measured": bench.not_measured,
-        "targets": bench.targets,
-        "ceilings": bench.ceilings,
-        "columns": [key for key, _ in report.COLUMNS],
-    }
+    results = bench.results()
     print(report.render(results, markdown=False))
     out_md = args.out_md or (REPO / "docs" / "benchmarks.md" if mode.name == "full" else work / f"benchmarks-{mode.name}.md")
-    out_json = args.out_json or work / f"results-{mode.name}-{section}.json"
     report.write_markdown(out_md, section, report.render(results, markdown=True))
     report.write_json(out_json, results)
     print(f"wrote {out_md} (section '{section}') and {out_json}", file=sys.stderr)

@@ -31,12 +31,14 @@ class BenchModel:
     arch: str | None = None
     classes: int = 1
     tta: tuple[str, ...] = ()
+    decode: str = "full"  # "reduced": the manifest's `decode: reduced` (issue 26)
 
     @property
     def label(self) -> str:
         what = f"{self.arch}+{self.encoder}" if self.arch else f"{self.encoder} severity"
         at = f"@{self.size[0]}" if self.size[0] == self.size[1] else f"@{self.size[0]}x{self.size[1]}"
-        return f"{what} {at}" + (f" tta {'+'.join(self.tta)}" if self.tta else "")
+        return (f"{what} {at}" + (f" tta {'+'.join(self.tta)}" if self.tta else "")
+                + (" decode reduced" if self.decode == "reduced" else ""))
 
     def manifest_fields(self) -> dict:
         fields = {"task": self.task, "encoder": self.encoder, "classes": self.classes,
@@ -45,6 +47,8 @@ class BenchModel:
             fields["arch"] = self.arch
         if self.tta:
             fields["tta"] = list(self.tta)
+        if self.decode != "full":
+            fields["decode"] = self.decode
         return fields
 
 
@@ -57,6 +61,8 @@ PRODUCTION = {
         BenchModel("severity_b2_384", "severity", "efficientnet-b2", (384, 384), classes=10),
         BenchModel("dlv3p_b2_384_hflip", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus",
                    tta=("hflip",)),
+        BenchModel("dlv3p_b2_384_reduced", "segmentation", "efficientnet-b2", (384, 384), arch="DeepLabV3Plus",
+                   decode="reduced"),
     )
 }
 TINY_ENCODER = "tu-test_resnet.r160_in1k"  # smp's own test encoder, ~0.4M parameters
@@ -67,6 +73,7 @@ TINY = {
         BenchModel("tiny_seg_96", "segmentation", TINY_ENCODER, (96, 96), arch="Unet"),
         BenchModel("tiny_sev_64", "severity", TINY_ENCODER, (64, 64), classes=10),
         BenchModel("tiny_seg_64_hflip", "segmentation", TINY_ENCODER, (64, 64), arch="Unet", tta=("hflip",)),
+        BenchModel("tiny_seg_64_reduced", "segmentation", TINY_ENCODER, (64, 64), arch="Unet", decode="reduced"),
     )
 }
 
@@ -79,11 +86,63 @@ def spec_for(model: BenchModel, weights: Path, sha256: str = "0" * 64):
         k: tuple(v) if isinstance(v, list) else v for k, v in model.manifest_fields().items()})
 
 
-def build_weights(model: BenchModel, folder: Path, seed: int = 0) -> tuple[Path, str]:
+# Logit spread of the calibrated segmentation head (issue 26): a trained network's logits on
+# skin photos reach tens; a random head's are near-constant, so its masks mark every pixel or none.
+SHARP_STD = 8.0
+CALIBRATION_PHOTOS = 4
+
+
+def calibration_photos(work: Path, model: BenchModel, count: int = CALIBRATION_PHOTOS) -> list[np.ndarray]:
+    """RGB bench photos (1024x768, the same JPEGs the rows read) stretched to the model's input."""
+    paths = image_pool(work, 1024, 768, count)[:count]
+    h, w = model.size
+    return [cv2.resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (w, h), interpolation=cv2.INTER_LINEAR)
+            for p in paths]
+
+
+def head_logits(module, model: BenchModel, photos: list[np.ndarray]):
+    """The model's logits on `photos`, normalised as legitseg does (the encoder's mean/std)."""
+    import torch
+
+    from legitseg.models.factory import resolve_normalize
+
+    mean, std = resolve_normalize(spec_for(model, Path("unused")))
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    with torch.inference_mode():
+        return module.eval()(x)
+
+
+def calibrate_head(module, model: BenchModel, photos: list[np.ndarray], target_std: float = SHARP_STD) -> dict:
+    """Centre and sharpen a random segmentation head on the bench photos, in place.
+
+    The head's last convolution is affine in the logits (upsampling after it is linear),
+    so w' = w * s, b' = (b - median) * s with s = target_std / std gives logits whose
+    median over the photos' pixels is 0 (mask area ~0.5) and whose std is `target_std`:
+    content-dependent masks with realistic boundaries, like a trained model's. Returns
+    what was measured: {"scale", "median", "std", "area_fraction", "max_abs_logit"}.
+    """
+    import torch
+
+    conv = module.segmentation_head[0]
+    z = head_logits(module, model, photos).flatten()
+    median, spread = float(z.median()), float(z.std())
+    scale = target_std / max(spread, 1e-12)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+        conv.bias.sub_(median).mul_(scale)
+    z = head_logits(module, model, photos)
+    return {"scale": scale, "median": median, "std": float(z.std()),
+            "area_fraction": float((z > 0).float().mean()), "max_abs_logit": float(z.abs().max())}
+
+
+def build_weights(model: BenchModel, folder: Path, seed: int = 0, work: Path | None = None) -> tuple[Path, str]:
     """Random weights for `model` through legitseg's own factory, saved as safetensors.
 
-    Returns (path, sha256). An existing file is reused: random weights are as good
-    as any others for timing, and rebuilding resnet101 costs seconds.
+    Segmentation models (single class) get the calibrated head (`calibrate_head`) on the
+    bench photos under `work` (default: the folder above `folder`). Returns (path, sha256).
+    An existing file is reused: random weights are as good as any others for timing,
+    and rebuilding resnet101 costs seconds.
     """
     import torch
     from safetensors.torch import save_file
@@ -91,11 +150,14 @@ def build_weights(model: BenchModel, folder: Path, seed: int = 0) -> tuple[Path,
     from legitseg.models.factory import build_module
     from legitseg.models.weights import sha256_file
 
-    path = folder / f"{model.name}.safetensors"
+    sharp = model.task == "segmentation" and model.classes == 1
+    path = folder / f"{model.name}{'.sharp' if sharp else ''}.safetensors"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         module = build_module(spec_for(model, path))
+        if sharp:
+            calibrate_head(module, model, calibration_photos(work or folder.parent, model))
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
         os.replace(tmp, path)
@@ -106,7 +168,7 @@ def write_manifest(models: list[BenchModel], work: Path) -> Path:
     """Build (or reuse) every model's weights and write `work/models.yaml` pinning their sha256."""
     entries = {}
     for m in models:
-        path, sha = build_weights(m, work / "weights")
+        path, sha = build_weights(m, work / "weights", work=work)
         entries[m.name] = {**m.manifest_fields(), "weights": os.path.relpath(path, work), "sha256": sha}
     manifest = work / "models.yaml"
     manifest.write_text(yaml.safe_dump({"version": 1, "models": entries}, sort_keys=False))

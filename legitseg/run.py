@@ -303,7 +303,9 @@ def _finish(cfg: RunConfig, status: str, counts: dict[str, int], settings: _Sett
         if spec.task == "segmentation":  # how overlays and the report draw each label
             models[spec.name]["colors"] = Style.of(spec).hex_colours()
     for r in runners:
-        models[r.name].update(backend=r.backend, parity=r.parity, variant=getattr(r, "variant", None),
+        models[r.name].update(backend=r.backend, parity=r.parity, parity_gate=getattr(r, "parity_gate", None),
+                              decode=r.loaded.spec.decode,
+                              variant=getattr(r, "variant", None),
                               build_seconds=round(r.loaded.build_seconds, 3))
     run_json = cfg.out / "run.json"
     try:

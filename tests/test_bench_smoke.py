@@ -37,7 +37,7 @@ def test_tiny_bench_reports_every_column(tmp_path, monkeypatch, capsys):
     rows = {row["row"]: row for row in results["rows"]}
     expected = {"single model", "large images"}
     if importlib.util.find_spec("legitseg.models.onnx_export") is not None:
-        expected.add("single model onnxruntime")
+        expected |= {"single model onnxruntime", "large images default decode reduced"}
     assert expected <= rows.keys(), rows.keys()
     for row in rows.values():
         assert set(results["columns"]) <= row.keys(), row["row"]
@@ -52,6 +52,14 @@ def test_tiny_bench_reports_every_column(tmp_path, monkeypatch, capsys):
     # The 12 MP row is held to the researcher's loop and to torch's forward bound.
     large = {t["what"].split(": ", 1)[1] for t in results["targets"] if t["row"] == "large images"}
     assert {"(c)/(b) >= 1.3", "(c)/(a torch fp32) >= 0.6"} <= large
+    # Issue 26: the calibrated head gives content-dependent masks (a random head marks all or nothing);
+    # each row says which backend really ran and, on the CPU, ONNX Runtime's bound beside torch's.
+    for row in rows.values():
+        assert 0.02 < row["area_fraction"] < 0.98, (row["row"], row["area_fraction"])
+        assert row["ran"] and row["ort_bound_img_s"] > 0, row["row"]
+    reduced = rows["large images default decode reduced"]
+    assert reduced["device"] == "cpu fp32 auto" and reduced["c_over_ort"] > 0
+    assert {t["what"] for t in results["targets"]} >= {"large images default decode reduced: (c)/(a') >= 0.6"}
     # Every legitseg run reports where its time went (LEGITSEG_PROFILE), and the 12 MP row what the
     # stages around the model can do on this machine.
     for row in rows.values():

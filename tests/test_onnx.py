@@ -170,7 +170,9 @@ def test_a_difference_above_the_tolerance_falls_back_to_torch_with_the_figure(ki
     assert type(result.runner) is TorchRunner
     assert 1e-12 < result.parity < TOLERANCE
     assert result.runner.parity is None  # the gate never changes the reference it was given
-    assert f"differ from torch by {result.parity:.3g} > parity tolerance 1e-12" in caplog.text
+    figure = result.figures.relative
+    assert f"differ from torch's: logits differ from torch by {figure:.3g} of the largest logit > parity " \
+           "tolerance 1e-12" in caplog.text
 
 
 def test_nan_from_onnx_runtime_fails_the_gate(kit, cache, monkeypatch):
@@ -342,12 +344,15 @@ def test_models_the_gate_refuses_run_on_torch_and_stdout_stays_clean(kit, tmp_pa
     assert {(row["model"], row["backend"]) for row in rows} == {
         ("psp", "torch"), ("strict", "torch"), ("lesion", "onnxruntime")}
     assert "model 'psp': ONNX export failed: " in r.stderr and "graph(" not in r.stderr
-    assert "model 'strict': ONNX Runtime probabilities differ from torch by" in r.stderr
+    assert "model 'strict': ONNX Runtime's outputs differ from torch's: logits differ from torch by" in r.stderr
     assert len(r.stderr.splitlines()) < 30
     models = json.loads((out / "run.json").read_text())["models"]
     assert (models["psp"]["backend"], models["psp"]["parity"]) == ("torch", None)
     assert models["strict"]["backend"] == "torch" and 1e-12 < models["strict"]["parity"] < TOLERANCE
     assert models["lesion"]["backend"] == "onnxruntime" and models["lesion"]["parity"] <= TOLERANCE
+    gate_figures = models["strict"]["parity_gate"]
+    assert gate_figures["passed"] is False and gate_figures["tolerance"] == 1e-12 < gate_figures["relative"]
+    assert models["lesion"]["parity_gate"]["passed"] is True and models["psp"]["parity_gate"] is None
     record = json.loads(next((out / "records").iterdir()).read_text())
     assert record["models"]["strict"]["parity"] == models["strict"]["parity"]
 

@@ -201,3 +201,14 @@ def test_severity_is_stable_for_large_logits():
     r = severity(torch.tensor([1000.0, 0.0, -1000.0]), spec("severity", classes=3))
     assert r.probabilities == pytest.approx([1.0, 0.0, 0.0])
     assert r.grade == 0 and r.score == pytest.approx(0.0)
+
+
+def test_components_past_65535_regions_are_counted():
+    """16-bit labels overflow there; the count must still be exact (inference/postprocess.py)."""
+    from legitseg.inference.postprocess import count_components
+
+    dots = np.zeros((600, 600), np.uint8)
+    dots[::2, ::2] = 1  # isolated pixels even with 8-connectivity
+    assert count_components(dots, 1, binary=True) == 300 * 300
+    assert count_components(dots * 2, 2) == 300 * 300
+    assert count_components(dots[:100, :100], 1, binary=True) == 50 * 50

@@ -27,6 +27,7 @@ from legitseg.images.containers import heif_header, jpeg_whole, png_end
 from legitseg.images.decoded import DecodedImage, Prep
 from legitseg.images.geometry import letterbox_size
 from legitseg.images.jpeg_plan import plan
+from legitseg.images.reduced import load_reduced
 from legitseg.images.sources import Source
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,10 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
     digest = sha256_bytes(data)
     try:
         fmt = check_header(data, max_pixels)
+        # Models with `decode: reduced` get their JPEG decoded smaller, also on a GPU run.
+        item = load_reduced(source, digest, data, fmt, preps, decode_rgb, prepare)
+        if item is not None:
+            return item
         if defer_jpeg:
             planned = plan(data, fmt)
             if planned is not None:

@@ -19,6 +19,7 @@ class Prep:
     size: tuple[int, int] | None  # (h, w) for stretch and letterbox
     interpolation: str
     channels: int
+    reduced: bool = False  # `decode: reduced`: a large JPEG decoded at 1/2-1/8 first (images/reduced.py)
 
 
 @dataclass

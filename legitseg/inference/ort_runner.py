@@ -20,7 +20,8 @@ import torch
 from legitseg.errors import UsageError
 from legitseg.images.decoded import Prep
 from legitseg.inference.ort_import import onnxruntime as import_ort
-from legitseg.inference.runners import Preprocessor, Runner, parity, prep_for
+from legitseg.inference.parity_rule import ParityFigures, compare
+from legitseg.inference.runners import Preprocessor, Runner, prep_for
 from legitseg.models.onnx_export import INPUT, OUTPUT, CachedGraph, ExportFailed, cached_onnx
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class OrtRunner:
     precision: str = "fp32"
     backend: str = "onnxruntime"
     parity: float | None = None
+    parity_gate: dict | None = None  # the rule's figures (run.json), parity_rule.ParityFigures.to_json
     image_errors: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
@@ -111,9 +113,10 @@ class GateResult:
     """What the gate decided for one model; `runner` is the one to use."""
 
     runner: Runner
-    parity: float | None
+    parity: float | None  # max |dp| on the probes (the records' `parity`)
     reason: str | None  # why torch is used instead, or None
     graph: CachedGraph | None = None
+    figures: ParityFigures | None = None  # every figure of the rule (parity_rule.py)
 
 
 def _first_line(err: BaseException) -> str:
@@ -124,10 +127,12 @@ def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int 
          cache_dir: Path | None = None) -> GateResult:
     """Export (or reuse) the model's graph and compare it with `reference` (a CPU fp32 torch runner).
 
-    Returns an OrtRunner when the probabilities agree within `tolerance`, else the
-    reference runner with the reason, which is also logged as a warning. Never raises
-    for a model that cannot be exported or does not match: torch is always the fallback.
-    The graph is kept under `cache_dir` (None: exported for this process only).
+    Returns an OrtRunner when its outputs meet the parity rule (parity_rule.py, docs/onnx.md)
+    with `tolerance` (the model's parity_tolerance: the largest logit difference relative
+    to the largest logit), else the reference runner with the reason, which is also logged
+    as a warning. An OrtRunner carries the figures (`parity`, `parity_gate`). Never
+    raises for a model that cannot be exported or does not match: torch is always the
+    fallback. The graph is kept under `cache_dir` (None: exported for this process only).
     """
     name = loaded.spec.name
     threads = threads or available_cores()
@@ -135,20 +140,25 @@ def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int 
     try:
         graph = cached_onnx(loaded, cache_dir)
         runner = OrtRunner(loaded, make_session(graph.data, threads))
-        figure = parity(reference, runner)
+        figures = compare(reference, runner)
     except ExportFailed as err:
         return _fallback(reference, None, f"{err}")
     except (RuntimeError, ValueError, *ort_errors()) as err:
         return _fallback(reference, None, f"model {name!r}: ONNX Runtime cannot run the exported graph: "
                                           f"{_first_line(err)}", graph)
-    if figure > tolerance:
-        return _fallback(reference, figure, f"model {name!r}: ONNX Runtime probabilities differ from torch by "
-                                            f"{figure:.3g} > parity tolerance {tolerance:g}", graph)
-    runner.parity = figure
-    log.info("%s: onnxruntime backend, %d thread(s), parity %.2g (tolerance %g)", name, threads, figure, tolerance)
-    return GateResult(runner, figure, None, graph)
+    failures = figures.decide(tolerance)
+    if failures:
+        return _fallback(reference, figures, f"model {name!r}: ONNX Runtime's outputs differ from torch's: "
+                                             + "; ".join(failures), graph)
+    runner.parity, runner.parity_gate = figures.probability, figures.to_json()
+    log.info("%s: onnxruntime backend, %d thread(s), logits within %.2g of the largest (tolerance %g), "
+             "probabilities within %.2g, %d of %d mask pixels changed (all near-ties)", name, threads,
+             figures.relative, tolerance, figures.probability, figures.changed, figures.compared)
+    return GateResult(runner, figures.probability, None, graph, figures)
 
 
-def _fallback(reference: Runner, figure: float | None, reason: str, graph: CachedGraph | None = None) -> GateResult:
+def _fallback(reference: Runner, figures: ParityFigures | None, reason: str,
+              graph: CachedGraph | None = None) -> GateResult:
     log.warning("%s; using the torch backend for this model", reason)
-    return GateResult(reference, figure, reason, graph)
+    figure = figures.probability if figures is not None else None
+    return GateResult(reference, figure, reason, graph, figures)

@@ -73,6 +73,8 @@ def _onnxruntime(loaded: LoadedModel, device: torch.device, precision: str, sett
     result = gate(loaded, reference, loaded.spec.parity_tolerance, settings.ort_threads, settings.cache_dir)
     if result.runner is reference and result.parity is not None and math.isfinite(result.parity):
         reference.parity = result.parity  # torch after a failed gate: the record says by how much
+    if result.runner is reference and result.figures is not None:
+        reference.parity_gate = result.figures.to_json()  # and run.json which part of the rule failed
     return result.runner
 
 

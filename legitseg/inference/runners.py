@@ -1,4 +1,4 @@
-"""What every backend shares (SPEC 4.2, 4.5): the Runner protocol, the Preprocessor, the parity probe.
+"""What every backend shares (SPEC 4.2, 4.5): the Runner protocol, the Preprocessor, the parity probes.
 
 A runner turns a batch of same-shape uint8 HWC arrays into logits. Backends are
 siblings: each holds a `Preprocessor` (normalisation, stride padding, crop) and
@@ -7,7 +7,6 @@ implements only `forward`. Which backend runs a model is decided in `registry.py
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 
 from legitseg.images.decoded import Prep
 from legitseg.images.geometry import content_slices, stride_padding
-from legitseg.inference.activation import activation
 
 if TYPE_CHECKING:
     from legitseg.manifest.spec import ModelSpec
@@ -47,7 +45,7 @@ class Runner(Protocol):
 def prep_for(loaded: LoadedModel) -> Prep:
     spec = loaded.spec
     return Prep(spec.resize, spec.input_size if spec.resize in ("stretch", "letterbox") else None,
-                spec.interpolation, spec.in_channels)
+                spec.interpolation, spec.in_channels, spec.decode == "reduced")
 
 
 @dataclass
@@ -122,7 +120,7 @@ class Preprocessor:
             return y
 
 
-# -- parity gate ------------------------------------------------------------------------
+# -- parity gate (the rule: parity_rule.py) ------------------------------------------------------------------------
 PROBE_SEED = 0
 
 
@@ -136,23 +134,3 @@ def probe_arrays(spec: ModelSpec) -> list[list[np.ndarray]]:
         sizes.append((max(8, h * 3 // 4 + 5), max(8, w // 2 + 3)))
     return [[rng.integers(0, 256, (sh, sw, spec.in_channels), dtype=np.uint8) for _ in range(2)]
             for sh, sw in sizes]
-
-
-def parity(reference: Runner, candidate: Runner) -> float:
-    """Largest absolute difference in probabilities between two runners on the probe batches.
-
-    NaN or Inf anywhere gives inf. Errors of the candidate propagate.
-    """
-    spec = reference.loaded.spec
-    worst = 0.0
-    with torch.inference_mode():
-        for arrays in probe_arrays(spec):
-            p_ref = activation(reference.logits(arrays).float().cpu(), spec)
-            p_new = activation(candidate.logits(arrays).float().cpu(), spec)
-            if p_ref.shape != p_new.shape:
-                return math.inf
-            diff = (p_ref - p_new).abs().max().item()
-            if not math.isfinite(diff):
-                return math.inf
-            worst = max(worst, diff)
-    return worst

@@ -126,6 +126,7 @@ class TorchRunner:
     channels_last: bool = True
     backend: str = "torch"
     parity: float | None = None
+    parity_gate: dict | None = None  # after a failed ONNX Runtime gate: its figures (parity_rule.py)
     image_errors: tuple[type[BaseException], ...] = field(default=())
     tune_layout: bool | None = None  # None: on CUDA
     cache_dir: Path | None = None  # the layout chosen is remembered under it (layouts.json); None: not remembered

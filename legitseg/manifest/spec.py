@@ -84,6 +84,8 @@ class ModelSpec(BaseModel):
     input_size: tuple[Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]] | None = None
     resize: Literal["stretch", "pad", "letterbox", "tile"] = "stretch"
     interpolation: Literal["linear", "area", "cubic", "nearest"] = "linear"
+    # JPEGs much larger than input_size decoded at 1/2-1/8 by libjpeg (stretch only; docs/manifest.md).
+    decode: Literal["full", "reduced"] = "full"
     normalize: Normalize | None = None
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     arch_params: dict[str, Any] = Field(default_factory=dict)
@@ -94,7 +96,7 @@ class ModelSpec(BaseModel):
     # Under --precision fp16/bf16, the weights themselves in the half type (no autocast): a
     # different arithmetic, so asked for by name and part of the settings digest (docs/manifest.md).
     half_weights: bool = False
-    # Largest allowed difference in probabilities between ONNX Runtime and torch (docs/onnx.md).
+    # Largest logit difference between ONNX Runtime and torch, relative to the largest logit (docs/onnx.md).
     parity_tolerance: float = Field(1e-4, gt=0.0, le=1.0)
     # Glob patterns of keys in the weights file that the model does not have and that
     # are dropped before the strict load (e.g. the aux_params head: classification_head.*).
@@ -225,6 +227,9 @@ class ModelSpec(BaseModel):
         check_colors(self)
         if self.resize in ("stretch", "letterbox") and self.input_size is None:
             raise ValueError(f"'input_size' [height, width] is required when resize is '{self.resize}'")
+        if self.decode == "reduced" and self.resize != "stretch":
+            raise ValueError(f"'decode: reduced' needs resize 'stretch', not '{self.resize}' (pad and tile models "
+                             "see the photo's own pixels; letterbox is not supported)")
         check_modes(self, given)
         check_ensemble(self)
         check_referral(self)
