@@ -32,6 +32,7 @@ from legitseg.images.naming import source_key
 from legitseg.images.pixels import PixelSource
 from legitseg.images.sources import Source
 from legitseg.inference import postprocess
+from legitseg.inference.quality_gate import quality_gate, spared
 from legitseg.inference.runners import Runner
 from legitseg.output.records import ImageResult, ModelOutput
 
@@ -203,7 +204,7 @@ class Engine(device_decode_module.DeviceInputs):
         for _ in (1, 2):
             oom = False
             try:
-                if spec.task == "severity":
+                if spec.task != "segmentation":
                     return ModelOutput(logits=Deferred(transfer.add(postprocess.severity_on_device(logits, spec))))
                 mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
                 return ModelOutput(logits=Deferred(transfer.add(mask), None if probs is None else transfer.add(probs)))
@@ -227,12 +228,12 @@ class Engine(device_decode_module.DeviceInputs):
             if isinstance(output.logits, Deferred):
                 d = output.logits
                 assert d.pending is not None
-                if spec.task == "severity":
+                if spec.task != "segmentation":
                     return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec))
                 probs = None if d.probabilities is None else d.pending.array(d.probabilities)
                 return ModelOutput(result=postprocess.finish_segmentation(d.pending.array(d.mask), probs,
                                                                           item.size, spec))
-            if spec.task == "severity":
+            if spec.task != "segmentation":
                 return ModelOutput(result=postprocess.severity(output.logits, spec))
             return ModelOutput(result=postprocess.segmentation(output.logits, item.size, spec,
                                                                self.save_probabilities))
@@ -243,21 +244,31 @@ class Engine(device_decode_module.DeviceInputs):
         """Forward passes of every model on a batch; on the GPU returns before the results are on the host."""
         outputs: list[dict[str, ModelOutput]] = [{} for _ in items]
         transfer = Transfer(self.runners[0].device, self.copy_stream) if self.batched_post else None
-        for runner in self.runners:
+        todo = list(range(len(items)))  # images the next model runs on
+        # A task: quality model runs first: its verdict may spare the others (docs/quality.md).
+        for runner in sorted(self.runners, key=lambda r: r.loaded.spec.task != "quality"):
+            gate = runner.loaded.spec.task == "quality"
             try:
-                results = self._forward(runner, items)
+                results = self._forward(runner, [items[i] for i in todo]) if todo else []
             except Exception as err:
                 raise RuntimeFailure(f"{runner.name}: forward pass failed on {runner.device}: "
                                      f"{type(err).__name__}: {err}") from err
-            for item, per_image, value in zip(items, outputs, results, strict=True):
+            for i, value in zip(todo, results, strict=True):
+                item, per_image = items[i], outputs[i]
                 if value.logits is not None:
-                    if transfer is not None:
+                    if transfer is not None and not gate:  # the gate's score is needed on the host now
                         value = self._on_device(runner, value, item, transfer)
-                    elif runner.loaded.spec.task == "severity":
+                    elif runner.loaded.spec.task != "segmentation":
                         value = self._postprocess(runner, value, item)
                     else:
                         value = ModelOutput(logits=value.logits.cpu())
                 per_image[runner.name] = value
+            if gate and self.quality is not None:
+                todo = quality_gate(runner.name, self.quality, [items[i] for i in todo], todo, outputs)
+        for item, per_image in zip(items, outputs, strict=True):  # models a quality model's verdict spared
+            for runner in self.runners:
+                if runner.name not in per_image:
+                    per_image[runner.name] = spared(item)
         if transfer is not None:
             pending = transfer.launch()
             for per_image in outputs:
