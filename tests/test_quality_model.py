@@ -178,3 +178,50 @@ def test_manifest_quality_models_are_validated(tmp_path, text, message):
     (tmp_path / "w.safetensors").write_bytes(b"x")
     with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_manifest(text.format(sha="0" * 64), tmp_path / "models.yaml")
+
+
+def test_a_loosened_threshold_sends_skipped_images_to_the_models(setup, tmp_path):
+    kit, images = setup
+    out = tmp_path / "out"
+    strict = manifest(kit, on_inadequate="skip", min_quality_model=1.0, **POLICY)
+    assert run(images, out, strict, "--backend", "torch").returncode == 0
+    assert {record(out, n)["status"] for n in ("im0.png", "im1.png")} == {"inadequate"}
+    loose = manifest(kit, on_inadequate="skip", min_quality_model=0.0, **POLICY)
+    assert run(images, out, loose, "--backend", "torch").returncode == 0
+    for name in ("im0.png", "im1.png"):
+        rec = record(out, name)
+        assert rec["status"] == "ok" and rec["quality"]["adequate"] and (out / rec["models"]["seg"]["mask"]).is_file()
+
+
+@pytest.mark.parametrize("batched_post", [False, True])
+def test_the_engine_gives_the_same_verdicts_on_both_postprocessing_paths(setup, tmp_path, batched_post):
+    """True: the GPU's way (results copied back per batch), forced on the CPU; the gate's score
+    is still read on the host before the other models run."""
+    import threading
+
+    import torch
+
+    from legitseg.engines.local import Engine
+    from legitseg.images.sources import Source
+    from legitseg.inference.registry import build_runner
+    from legitseg.manifest.quality import QualityPolicy
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
+
+    kit, images = setup
+    m = load_manifest(manifest(kit))
+    runners = [build_runner(load_model(s), torch.device("cpu"), "fp32", "torch") for s in m.models.values()]
+    first = tmp_path / "first"
+    assert run(images, first, manifest(kit, **POLICY), "--backend", "torch").returncode == 0
+    s = scores(first)
+    policy = QualityPolicy(on_inadequate="skip", min_quality_model=(min(s.values()) + max(s.values())) / 2, **POLICY)
+    engine = Engine(runners, batch_size=2, workers=0, post_threads=1, save_probabilities=False, max_pixels=10**8,
+                    stop=threading.Event(), quality=policy, batched_post=batched_post, device_decode=False)
+    results = {r.name: r for r in engine.process([Source(p, p.name) for p in sorted(images.iterdir())])}
+    for name, score in s.items():
+        result = results[name]
+        assert result.quality.measures["quality_model"] == pytest.approx(score, abs=1e-6)
+        spared = score < policy.min_quality_model
+        assert result.quality.skipped is spared
+        assert (result.outputs["seg"].error_kind == "inadequate") is spared
+        assert result.outputs["qa"].result is not None
