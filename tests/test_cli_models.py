@@ -76,7 +76,7 @@ FIELD_REFUSALS = [
     ("unknown interpolation", {"interpolation": "lanczos"},
      "model 'lesion', field 'interpolation': invalid value 'lanczos'; valid: 'linear', 'area', 'cubic' or 'nearest'"),
     ("unknown task", {"task": "detection"},
-     "model 'lesion', field 'task': invalid value 'detection'; valid: 'segmentation' or 'severity'"),
+     "model 'lesion', field 'task': invalid value 'detection'; valid: 'segmentation', 'severity' or 'quality'"),
     ("in_channels 4", {"in_channels": 4}, "model 'lesion', field 'in_channels': invalid value 4; valid: 1 or 3"),
     ("threshold 1.5", {"threshold": 1.5}, "model 'lesion', field 'threshold': Input should be less than 1"),
     ("input_size one number", {"input_size": [512]}, "model 'lesion', field 'input_size.1': Field required"),

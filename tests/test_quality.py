@@ -39,7 +39,34 @@ def reference(rgb: np.ndarray) -> dict[str, float]:
     grey = sum(ch) / 3
     return {"sharpness": sharp, "mean_luminance": mean / 255, "dark_fraction": sum(v <= 5 for v in flat) / len(flat),
             "bright_fraction": sum(v >= 250 for v in flat) / len(flat), "contrast": std,
-            "short_side": float(min(H, W)), "colour_cast": (max(ch) - min(ch)) / max(grey, 1.0)}
+            "short_side": float(min(H, W)), "colour_cast": (max(ch) - min(ch)) / max(grey, 1.0),
+            "blockiness": reference_blockiness(rgb)}
+
+
+def reference_blockiness(rgb: np.ndarray) -> float:
+    """docs/quality.md's blockiness in plain Python: the central 512 crop, steps per phase, Python loops."""
+    H, W = rgb.shape[:2]
+    h, w = min(H, 512), min(W, 512)
+    top, left = (H - h) // 2, (W - w) // 2
+    y = [[0.299 * r + 0.587 * g + 0.114 * b for r, g, b in row]
+         for row in rgb[top:top + h, left:left + w].astype(np.float64).tolist()]
+    grid, inside = [], []
+    directions = ((h, w, lambda k, j: abs(y[k + 1][j] - y[k][j])),  # between rows k and k+1
+                  (w, h, lambda k, i: abs(y[i][k + 1] - y[i][k])))  # between columns k and k+1
+    for n, across, step in directions:
+        if n < 16:
+            continue
+        sums, counts = [0.0] * 8, [0] * 8
+        for k in range(n - 1):
+            phase = (k + 1) % 8
+            sums[phase] += sum(step(k, j) for j in range(across))
+            counts[phase] += across
+        means = sorted(s / c for s, c in zip(sums, counts, strict=True))
+        grid.append(means[-1])
+        inside.append(sum(means[:-1]) / 7)
+    if not grid:
+        return 1.0
+    return (sum(grid) / len(grid) + 1.0) / (sum(inside) / len(inside) + 1.0)
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -68,6 +95,16 @@ def _exif_jpeg(rgb: np.ndarray, orientation: int) -> bytes:
     return buf.getvalue()
 
 
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def _plain(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
 def _decoded(data: bytes) -> np.ndarray:
     return decode_rgb(data, check_header(data, 10**9))
 
@@ -88,6 +125,8 @@ def _cases() -> dict[str, tuple[bytes, np.ndarray]]:
         "exif-rotated": (jpeg, np.rot90(plain, k=-1)),  # orientation 6: turn 90 degrees clockwise
         "1x1": (_png(np.array([[[10, 200, 30]]], np.uint8)), np.array([[[30, 200, 10]]], np.uint8)),
         "3x3": (_png(_photo(3, 3)[:, :, ::-1]), _photo(3, 3)),
+        "15x40 (one direction for blockiness)": (_png(_photo(15, 40)[:, :, ::-1]), _photo(15, 40)),
+        "jpeg quality 5": (_jpeg(_photo(70, 90), 5), _plain(_jpeg(_photo(70, 90), 5))),
         "1100x700 (blocks of 3)": (_png(_photo(700, 1100, 3)[:, :, ::-1]), _photo(700, 1100, 3)),
     }
 
@@ -123,6 +162,17 @@ def test_each_measure_moves_with_its_degradation():
     assert measures(cast)["colour_cast"] > m["colour_cast"] + 0.3
 
 
+def test_blockiness_finds_the_jpeg_grid_wherever_it_lies_and_reads_1_without_one():
+    img = _photo(200, 240)
+    assert measures(img)["blockiness"] < 1.2 < 1.7 < measures(_plain(_jpeg(img, 5)))["blockiness"]
+    # Cropped by 3 pixels (as a rotation or a crop moves it), the grid is still found.
+    assert measures(np.ascontiguousarray(_plain(_jpeg(img, 5))[3:, 5:]))["blockiness"] > 1.7
+    for shape in ((1, 1, 3), (3, 3, 3), (15, 15, 3), (300, 300, 3)):
+        assert measures(np.full(shape, 90, np.uint8))["blockiness"] == 1.0, shape
+    blocks = np.kron(np.random.default_rng(2).integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    assert measures(blocks)["blockiness"] > 10  # flat blocks, steps only on the grid
+
+
 def test_verdict_names_each_reason_with_value_and_limit():
     policy = QualityPolicy(min_sharpness=100, min_short_side=500, max_colour_cast=None)
     q = judge({"sharpness": 12.5, "mean_luminance": 0.5, "dark_fraction": 0, "bright_fraction": 0,
@@ -144,7 +194,8 @@ def test_defaults_pass_a_clean_photo_and_flag_each_heavy_degradation():
              "overexposed": np.clip(img.astype(np.int32) * 5, 0, 255).astype(np.uint8),
              "low_resolution": cv2.resize(img, (80, 60), interpolation=cv2.INTER_AREA),
              "low_contrast": (img * 0.05 + 120).astype(np.uint8),
-             "colour_cast": np.clip(img * np.array([1.9, 1.0, 0.1]), 0, 255).astype(np.uint8)}
+             "colour_cast": np.clip(img * np.array([1.9, 1.0, 0.1]), 0, 255).astype(np.uint8),
+             "compressed": _plain(_jpeg(img, 5))}
     for reason, degraded in heavy.items():
         q = judge(measures(np.ascontiguousarray(degraded)), policy)
         assert reason in q.reason_names and q.skipped, (reason, q.reasons)

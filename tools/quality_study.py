@@ -99,7 +99,7 @@ FAMILIES = {
     "brighter, gain (clipped)": (gain, [1, 1.5, 2.2, 3.5, 5], "mean_luminance", "overexposed", False),
     "less contrast (alpha)": (contrast, [1, 0.6, 0.35, 0.15, 0.08], "contrast", "low_contrast", True),
     "downscaled (factor)": (downscale, [1, 0.75, 0.5, 0.3, 0.2], "short_side", "low_resolution", True),
-    "JPEG quality": (jpeg, [95, 30, 15, 10, 5], "sharpness", "blurry", True),
+    "JPEG quality": (jpeg, [95, 30, 15, 10, 5], "blockiness", "compressed", False),
     "colour cast (R+s, B-s)": (cast, [0, 0.15, 0.3, 0.6, 0.85], "colour_cast", "colour_cast", False),
 }
 

@@ -59,7 +59,7 @@ class Engine:
         # costly part of an image and runs in the pool beside the next forward. `batched_post`
         # forces the GPU's way on the CPU (tests).
         self.stages = Stages(runners, save_probabilities=save_probabilities, keep_rgb=keep_rgb,
-                             batched_post=batched_post)
+                             batched_post=batched_post, quality=quality)
         device = runners[0].device
         # Images between the forward pass and the sink: two batches on the GPU, so that the next
         # batch is launched while the last one's results are copied, counted and written.

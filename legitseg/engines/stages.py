@@ -26,6 +26,7 @@ from legitseg.images.naming import source_key
 from legitseg.images.pixels import PixelSource
 from legitseg.images.sources import Source
 from legitseg.inference import postprocess, uncertainty
+from legitseg.inference.quality_gate import quality_gate, spared
 from legitseg.inference.runners import Runner
 from legitseg.output.records import ImageResult, ModelOutput
 
@@ -89,8 +90,9 @@ class Stages:
     """
 
     def __init__(self, runners: list[Runner], *, save_probabilities: bool, keep_rgb: bool = False,
-                 batched_post: bool | None = None):
+                 batched_post: bool | None = None, quality=None):
         self.runners = runners
+        self.quality = quality  # the `quality:` policy a task: quality model's score is judged by
         self.save_probabilities = save_probabilities
         self.keep_rgb = keep_rgb  # ImageResult.rgb carries the photograph (for overlays)
         device = runners[0].device
@@ -108,21 +110,31 @@ class Stages:
         """
         outputs: list[dict[str, ModelOutput]] = [{} for _ in items]
         transfer = Transfer(self.device, self.copy_stream) if self.batched_post else None
-        for runner in self.runners:
+        todo = list(range(len(items)))  # images the next model runs on
+        # A task: quality model runs first: its verdict may spare the others (docs/quality.md).
+        for runner in sorted(self.runners, key=lambda r: r.loaded.spec.task != "quality"):
+            gate = runner.loaded.spec.task == "quality"
             try:
-                results = self._forward(runner, items)
+                results = self._forward(runner, [items[i] for i in todo]) if todo else []
             except Exception as err:
                 raise RuntimeFailure(f"{runner.name}: forward pass failed on {runner.device}: "
                                      f"{type(err).__name__}: {err}") from err
-            for item, per_image, value in zip(items, outputs, results, strict=True):
+            for i, value in zip(todo, results, strict=True):
+                item, per_image = items[i], outputs[i]
                 if value.logits is not None:
-                    if transfer is not None:
+                    if transfer is not None and not gate:  # the gate's score is needed on the host now
                         value = self._on_device(runner, value, item, transfer)
-                    elif runner.loaded.spec.task == "severity":
+                    elif runner.loaded.spec.task != "segmentation":
                         value = self._postprocess(runner, value, item)
                     else:
                         value = ModelOutput(logits=value.logits.cpu())
                 per_image[runner.name] = value
+            if gate and self.quality is not None:
+                todo = quality_gate(runner.name, self.quality, [items[i] for i in todo], todo, outputs)
+        for item, per_image in zip(items, outputs, strict=True):  # models a quality model's verdict spared
+            for runner in self.runners:
+                if runner.name not in per_image:
+                    per_image[runner.name] = spared(item)
         if transfer is not None:
             pending = transfer.launch()
             for per_image in outputs:
@@ -209,7 +221,7 @@ class Stages:
         for _ in (1, 2):
             oom = False
             try:
-                if spec.task == "severity":
+                if spec.task != "segmentation":
                     return ModelOutput(device_copy=Deferred(transfer.add(postprocess.severity_on_device(logits, spec)),
                                                             members=members))
                 mask, probs = postprocess.segmentation_on_device(logits, item.size, spec, self.save_probabilities)
@@ -236,13 +248,13 @@ class Stages:
             if output.device_copy is not None:
                 d = output.device_copy
                 assert d.pending is not None
-                if spec.task == "severity":
+                if spec.task != "segmentation":
                     return ModelOutput(result=postprocess.finish_severity(d.pending.array(d.mask), spec, d.members))
                 probs = None if d.probabilities is None else d.pending.array(d.probabilities)
                 counts = None if d.counts is None else d.pending.array(d.counts)
                 return ModelOutput(result=postprocess.finish_segmentation(d.pending.array(d.mask), probs,
                                                                           item.size, spec, d.members, counts=counts))
-            if spec.task == "severity":
+            if spec.task != "segmentation":
                 return ModelOutput(result=postprocess.severity(output.logits, spec))
             return ModelOutput(result=postprocess.segmentation(output.logits, item.size, spec,
                                                                self.save_probabilities))

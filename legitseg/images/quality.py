@@ -4,7 +4,8 @@ Computed once per image, in the decode worker, on a working copy of the upright 
 photograph: the mean of each k x k block, k = the smallest integer that brings the longer
 side to at most WORKING_SIZE (never below 1 nor above the shorter side), the last partial
 rows and columns dropped. The block sums are integers, so every implementation of the
-formula gets the same working copy; the measures are float64 arithmetic on it.
+formula gets the same working copy; the measures are float64 arithmetic on it. Blockiness
+alone is measured at full resolution (on a central crop): a downscaled copy has no 8x8 grid.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ import math
 
 import numpy as np
 
-from legitseg.manifest.quality import METHOD, WORKING_SIZE, Quality, QualityPolicy, judge
+from legitseg.manifest.quality import (
+    METHOD,
+    MODEL_MEASURE,
+    WORKING_SIZE,
+    Quality,
+    QualityPolicy,
+    judge,
+)
 
 DARK_LEVEL = 5.0  # luminance at or below this (of 255) counts as clipped dark
 BRIGHT_LEVEL = 250.0  # at or above this, clipped bright
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+BLOCK = 8  # side of a JPEG luminance block, in pixels
+BLOCK_CROP = 512  # blockiness: side of the central full-resolution crop it is measured on
+BLOCK_FLOOR = 1.0  # grey levels added to both means of the blockiness ratio: a flat image reads 1, not 0/0
 
 
 def block_factor(height: int, width: int) -> int:
@@ -64,12 +75,47 @@ def measures(rgb: np.ndarray) -> dict[str, float]:
         "contrast": float(luma.std()),
         "short_side": float(min(rgb.shape[0], rgb.shape[1])),
         "colour_cast": float(channel.max() - channel.min()) / max(grey, 1.0),
+        "blockiness": blockiness(rgb),
     }
 
 
-def assess(rgb: np.ndarray, policy: QualityPolicy) -> Quality:
-    """The measures of `rgb` and `policy`'s verdict on them."""
-    return judge(measures(rgb), policy)
+def blockiness(rgb: np.ndarray) -> float:
+    """How much an 8x8 block grid shows in the luminance (JPEG compression), as a ratio; 1: none.
+
+    On the central crop of at most BLOCK_CROP x BLOCK_CROP pixels at full resolution, for each
+    direction whose crop side n is at least 2 x BLOCK: the mean absolute step between neighbours
+    k and k+1 (k = 0..n-2) is averaged per phase p = (k+1) mod 8; the strongest phase is taken
+    as the grid (EXIF rotation and crops move it) and the other seven as the inside of blocks.
+    Result: (mean over directions of the grid phase + 1) / (mean over directions of the mean
+    of the other phases + 1); 1.0 when no direction is long enough.
+    """
+    height, width = rgb.shape[:2]
+    h, w = min(height, BLOCK_CROP), min(width, BLOCK_CROP)
+    top, left = (height - h) // 2, (width - w) // 2
+    crop = rgb[top:top + h, left:left + w]
+    luma = LUMA[0] * crop[..., 0] + LUMA[1] * crop[..., 1] + LUMA[2] * crop[..., 2]
+    grid, inside = [], []
+    for axis in (0, 1):  # steps between rows, then between columns
+        if luma.shape[axis] < 2 * BLOCK:
+            continue
+        steps = np.abs(np.diff(luma, axis=axis)).mean(axis=1 - axis)  # one mean per k
+        phases = [float(steps[(p - 1) % BLOCK::BLOCK].mean()) for p in range(BLOCK)]
+        strongest = max(phases)
+        grid.append(strongest)
+        inside.append((sum(phases) - strongest) / (BLOCK - 1))
+    if not grid:
+        return 1.0
+    return (sum(grid) / len(grid) + BLOCK_FLOOR) / (sum(inside) / len(inside) + BLOCK_FLOOR)
+
+
+def assess(rgb: np.ndarray, policy: QualityPolicy, stored: Quality | None = None) -> Quality:
+    """The measures of `rgb` and `policy`'s verdict on them. The quality model's score in
+    `stored` (measures of an older method) is kept: these formulas do not make it."""
+    found = measures(rgb)
+    if stored is not None and MODEL_MEASURE in stored.measures:
+        found[MODEL_MEASURE] = stored.measures[MODEL_MEASURE]
+        return judge(found, policy, stored.model)
+    return judge(found, policy)
 
 
 def current(quality: Quality | None) -> bool:

@@ -42,10 +42,10 @@ def rejudged(record: ImageRecord, data: bytes, policy: QualityPolicy | None,
     if stored is not None and current(stored) and stored.policy == policy.digest():
         return record
     if stored is not None and current(stored):
-        quality = judge(stored.measures, policy)
+        quality = judge(stored.measures, policy, stored.model)
     else:
         try:
-            quality = assess(decode_rgb(data, check_header(data, max_pixels)), policy)
+            quality = assess(decode_rgb(data, check_header(data, max_pixels)), policy, stored)
         except ImageError:
             return record  # a file that does not decode: its record says so already
     return _with(record, quality, keep_skipped=quality.skipped)

@@ -16,9 +16,12 @@ def activation(logits: torch.Tensor, spec: ModelSpec, dim: int = 1) -> torch.Ten
     """The activation legitseg applies (SPEC 4.3, 4.4); classes along `dim`.
 
     Segmentation: sigmoid for one class, else softmax. Severity: softmax(logits / temperature).
+    Quality: as severity; a scalar head (classes: 1) sigmoid(logits / temperature).
     The parity gate, postprocessing, the accuracy modes and the variant check all use it.
     """
-    if spec.task == "severity":
+    if spec.task == "quality" and spec.classes == 1:
+        return torch.sigmoid(logits / spec.temperature)
+    if spec.task != "segmentation":
         return torch.softmax(logits / spec.temperature, dim=dim)
     return torch.sigmoid(logits) if spec.classes == 1 else torch.softmax(logits, dim=dim)
 

@@ -83,11 +83,12 @@ def invert_view(y: torch.Tensor, view: str) -> torch.Tensor:
 
 def to_logits_(p: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Mean probabilities -> logits whose activation gives them back; in place."""
-    if spec.task == "segmentation" and spec.classes == 1:
+    if spec.task != "severity" and spec.classes == 1:  # segmentation, or a quality model's scalar head
         p.clamp_(_EPS, 1.0 - _EPS)
-        return p.div_(1.0 - p).log_()  # log(p / (1 - p))
+        p.div_(1.0 - p).log_()  # log(p / (1 - p))
+        return p.mul_(spec.temperature) if spec.task == "quality" else p
     p.clamp_(min=_TINY).log_()
-    return p.mul_(spec.temperature) if spec.task == "severity" else p
+    return p.mul_(spec.temperature) if spec.task != "segmentation" else p
 
 
 # -- the runner ----------------------------------------------------------------------------

@@ -210,9 +210,11 @@ def severity_on_device(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 
 def finish_severity(probabilities: np.ndarray, spec: ModelSpec, members: dict | None = None) -> SeverityResult:
-    """Grade (argmax) and score (expected class value) from float32 probabilities (classes,)."""
+    """Grade (argmax) and score (expected class value) from float32 probabilities (classes,).
+    A quality model's scalar head (one probability): grade 1 from 0.5 on, else 0."""
     p = probabilities.astype(np.float64)
     values = np.asarray(spec.values, dtype=np.float64)
-    result = SeverityResult([float(v) for v in p], int(p.argmax()), float((p * values).sum()))
+    grade = int(p.argmax()) if p.size > 1 else int(p[0] >= 0.5)
+    result = SeverityResult([float(v) for v in p], grade, float((p * values).sum()))
     uncertainty.annotate(result, spec, members)
     return result

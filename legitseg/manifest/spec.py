@@ -27,7 +27,7 @@ from legitseg.errors import ManifestError, UsageError
 from legitseg.manifest.choices import AUTO, BACKEND_CHOICES
 from legitseg.manifest.colours import check_colors, check_labels, parse_colors
 from legitseg.manifest.modes import check_ensemble, check_modes, check_tile_size, expand_tta
-from legitseg.manifest.quality import QualityPolicy
+from legitseg.manifest.quality import QualityPolicy, check_quality_models
 from legitseg.manifest.referral import ReferPolicy, check_referral
 from legitseg.manifest.safe_yaml import load_yaml, non_finite, short
 from legitseg.manifest.smp_names import ARCHITECTURES, ENCODERS
@@ -72,7 +72,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    task: Literal["segmentation", "severity"]
+    task: Literal["segmentation", "severity", "quality"]
     arch: str | None = None
     encoder: str
     in_channels: Literal[1, 3] = 3
@@ -214,7 +214,7 @@ class ModelSpec(BaseModel):
             wrong = [f for f in SEGMENTATION_ONLY if f in given]
             if wrong:
                 raise ValueError(f"field(s) {', '.join(wrong)} only apply to task 'segmentation'")
-            if self.classes < 2:
+            if self.task == "severity" and self.classes < 2:
                 raise ValueError("severity models need classes >= 2")
             if self.class_values is not None and len(self.class_values) != self.classes:
                 raise ValueError(
@@ -262,17 +262,19 @@ class ModelSpec(BaseModel):
     def label_names(self) -> tuple[str, ...]:
         if self.labels is not None:
             return self.labels
-        if self.task == "severity":
-            return tuple(f"grade_{i}" for i in range(self.classes))
+        if self.task != "segmentation":
+            return tuple(f"grade_{i}" for i in range(self.classes)) if self.classes > 1 else ("quality",)
         if self.classes == 1:
             return ("background", self.name)
         return ("background",) + tuple(f"class_{i}" for i in range(1, self.classes))
 
     @property
     def values(self) -> tuple[float, ...]:
-        """Severity class values (SPEC 4.4), default 0..classes-1."""
+        """Severity class values (SPEC 4.4), default 0..classes-1; quality: i / (classes - 1), or 1."""
         if self.class_values is not None:
             return self.class_values
+        if self.task == "quality":
+            return (1.0,) if self.classes == 1 else tuple(i / (self.classes - 1) for i in range(self.classes))
         return tuple(float(i) for i in range(self.classes))
 
     @property
@@ -292,6 +294,10 @@ class Manifest(BaseModel):
     quality: QualityPolicy | None = None  # input adequacy (docs/quality.md); None: not measured
     path: Path = Path("models.yaml")
     sha256: str = ""
+
+    @model_validator(mode="after")
+    def _quality_models(self) -> Manifest:
+        return check_quality_models(self)  # one quality model at most (docs/quality.md)
 
     def select(self, names: list[str] | None) -> list[ModelSpec]:
         """The models named (in the order given), or all of them; unknown names are a UsageError."""

@@ -49,7 +49,7 @@ def probe_model(spec: ModelSpec) -> CheckResult:
     except RuntimeError as err:
         return CheckResult(spec.name, False, loaded.build_seconds, loaded.parameters, loaded.weight_bytes,
                            error=f"dummy forward at {h}x{w} failed: {err}", **norm)
-    want = (1, spec.classes) if spec.task == "severity" else (1, spec.classes, h, w)
+    want = (1, spec.classes) if spec.task != "segmentation" else (1, spec.classes, h, w)
     result = CheckResult(spec.name, True, loaded.build_seconds, loaded.parameters, loaded.weight_bytes,
                          tuple(y.shape), str(y.dtype).removeprefix("torch."), **norm)
     problems = []

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class SeverityClassifier(nn.Module):
-    """Encoder + smp ClassificationHead on the deepest feature map; returns logits (N, classes)."""
+    """Encoder + smp ClassificationHead on the deepest feature map; returns logits (N, classes).
+
+    Severity and quality models (a quality model's scalar head is classes: 1) share it."""
 
     def __init__(self, encoder: nn.Module, classes: int, pooling: str):
         super().__init__()
@@ -111,7 +113,7 @@ def build_module(spec: ModelSpec) -> nn.Module:
 
 def _build(spec: ModelSpec) -> nn.Module:
     try:
-        if spec.task == "severity":
+        if spec.task != "segmentation":  # severity, quality: an encoder and a classification head
             encoder = smp.encoders.get_encoder(spec.encoder, in_channels=spec.in_channels, weights=None)
             return SeverityClassifier(encoder, spec.classes, spec.pooling)
         return smp.create_model(
@@ -249,7 +251,7 @@ def _load_one(spec: ModelSpec) -> LoadedModel:
         if spec.task != "segmentation":
             raise WeightsError(
                 f"model {spec.name!r}: save_pretrained folders hold segmentation models; "
-                "save severity classifiers as .safetensors"
+                "save severity and quality classifiers as .safetensors"
             )
         check_pretrained_config(spec, read_pretrained_config(spec.weights, spec.name))
     state = parse_state_dict(data, spec.weights, spec.name)

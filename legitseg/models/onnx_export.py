@@ -131,7 +131,7 @@ def cache_fields(loaded: LoadedModel, opset: int = OPSET) -> dict[str, Any]:
         "in_channels": spec.in_channels,
         "classes": spec.classes,
         "arch_params": spec.arch_params,
-        "pooling": spec.pooling if spec.task == "severity" else None,
+        "pooling": spec.pooling if spec.task != "segmentation" else None,
         "resize": spec.resize,
         # stretch, letterbox and tile graphs have a fixed height and width; pad graphs take any size
         "input_size": list(spec.probe_size) if spec.resize != "pad" else None,

@@ -267,7 +267,8 @@ class Sink:
                         models[k] = v
             models.update(entries)
             failed = [f"{m}: {e.error}" for m, e in entries.items() if not e.ok and e.status != "inadequate"]
-            skipped = bool(entries) and all(e.status == "inadequate" for e in entries.values())
+            # Skipped by the quality policy: every model but a task: quality model that judged it was not run.
+            skipped = any(e.status == "inadequate" for e in entries.values())
             record = ImageRecord(
                 image=result.image, name=result.name, sha256=result.sha256,
                 size=list(result.size) if result.size else None,
