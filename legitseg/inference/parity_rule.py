@@ -81,9 +81,9 @@ class ParityFigures:
 def _activation_input(logits: torch.Tensor, spec) -> torch.Tensor:
     """Logits in the space the activation sees: softmax is blind to a shift per pixel, so centre them."""
     z = logits.double()
-    if spec.task == "severity":
+    if spec.task != "segmentation":  # severity and quality heads divide by their temperature
         z = z / spec.temperature
-    if spec.task == "severity" or spec.classes > 1:
+    if spec.classes > 1 or spec.task == "severity":  # a sigmoid (one class) is not blind to a shift
         z = z - z.mean(dim=1, keepdim=True)
     return z
 
@@ -94,8 +94,8 @@ def _classes(p_ref: torch.Tensor, p_new: torch.Tensor, spec) -> tuple[int, int, 
     A near-tie: torch's probability within FLOAT16_STEP of the threshold (binary), or its
     two largest probabilities within FLOAT16_STEP of each other (argmax).
     """
-    if spec.task == "segmentation" and spec.classes == 1:
-        t = spec.threshold
+    if spec.classes == 1 and spec.task != "severity":  # a sigmoid: a mask's threshold, a quality grade's 0.5
+        t = spec.threshold if spec.task == "segmentation" else 0.5
         changed = (p_ref[:, 0] > t) != (p_new[:, 0] > t)
         tie = (p_ref[:, 0] - t).abs() <= FLOAT16_STEP
     else:

@@ -26,10 +26,11 @@ from pydantic import (
 from legitseg.errors import ManifestError, UsageError
 from legitseg.manifest.choices import AUTO, BACKEND_CHOICES
 from legitseg.manifest.colours import check_colors, check_labels, parse_colors
+from legitseg.manifest.messages import format_validation, refuse_non_finite
 from legitseg.manifest.modes import check_ensemble, check_modes, check_tile_size, expand_tta
 from legitseg.manifest.quality import QualityPolicy, check_quality_models
 from legitseg.manifest.referral import ReferPolicy, check_referral
-from legitseg.manifest.safe_yaml import load_yaml, non_finite, short
+from legitseg.manifest.safe_yaml import load_yaml, short
 from legitseg.manifest.smp_names import ARCHITECTURES, ENCODERS
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
@@ -312,26 +313,6 @@ class Manifest(BaseModel):
         return [self.models[n] for n in dict.fromkeys(names)]
 
 
-def _format_validation(path: Path, raw: dict[str, Any], err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = list(e["loc"])
-        where = ""
-        if len(loc) >= 2 and loc[0] == "models":
-            where = f"model {short(loc[1])}"
-            loc = loc[2:]
-            # Errors from the model-level validator carry no field; say so.
-        field = ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif e["type"] == "literal_error":
-            msg = f"invalid value {short(e.get('input'))}; " + msg.replace("Input should be", "valid:")
-        parts = [p for p in (where, f"field {short(field)}" if field else "") if p]
-        lines.append(f"{path}: {', '.join(parts) + ': ' if parts else ''}{msg}")
-    return "\n".join(lines)
-
-
 def parse_manifest(text: str, path: Path) -> Manifest:
     """Parse manifest text; relative weights paths resolve against `path`'s folder.
 
@@ -350,7 +331,7 @@ def parse_manifest(text: str, path: Path) -> Manifest:
         raise ManifestError(
             f"{path}: field {short(unknown[0])}: unknown field; valid top-level fields: version, models, quality"
         )
-    _refuse_non_finite(path, raw)
+    refuse_non_finite(path, raw)
     models = raw.get("models")
     if isinstance(models, dict):
         if not models:
@@ -371,7 +352,7 @@ def parse_manifest(text: str, path: Path) -> Manifest:
             {**raw, "path": path, "sha256": hashlib.sha256(text.encode()).hexdigest()}
         )
     except ValidationError as err:
-        raise ManifestError(_format_validation(path, raw, err)) from err
+        raise ManifestError(format_validation(path, raw, err)) from err
     for spec in manifest.models.values():
         for weights, _ in spec.weight_files:
             try:
@@ -383,20 +364,6 @@ def parse_manifest(text: str, path: Path) -> Manifest:
             if not found:
                 raise ManifestError(f"{path}: model {spec.name!r}: weights file not found: {weights}")
     return manifest
-
-
-def _refuse_non_finite(path: Path, raw: dict[str, Any]) -> None:
-    """NaN and infinities (YAML .nan, .inf, 1e999) are refused in every field, arch_params included."""
-    found = non_finite(raw)
-    if found is None:
-        return
-    where, value = found
-    if len(where) >= 2 and where[0] == "models":
-        place = f"model {short(where[1])}, field {short('.'.join(where[2:]))}" if len(where) > 2 \
-            else f"model {short(where[1])}"
-    else:
-        place = f"field {short('.'.join(where))}"
-    raise ManifestError(f"{path}: {place}: {value} is not a finite number; NaN and infinity are refused")
 
 
 def load_manifest(path: str | Path) -> Manifest:
