@@ -150,7 +150,10 @@ class Engine:
         """
         profile = Profile(self.profile, self.runners[0].device) if self.profile else None
         with profile or contextlib.nullcontext():
-            yield from self._process(sources, profile)
+            for result in self._process(sources, profile):
+                if profile is not None:
+                    profile.done()
+                yield result
 
     def _process(self, sources: Iterable[Source], profile: Profile | None) -> Iterator[ImageResult]:
         pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="legitseg-post")

@@ -34,6 +34,7 @@ class Profile:
         self.cuda = device.type == "cuda"
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.batches = self.images = 0
+        self.finished: list[float] = []  # when each result left the engine (epoch seconds)
         self._warnings = warnings.catch_warnings(record=True)
         self.caught: list[warnings.WarningMessage] = []
 
@@ -58,6 +59,11 @@ class Profile:
         end.record()
         self.events.append((start, end))
 
+    def done(self) -> None:
+        """One result handed on to the sink. Records become durable a group at a time, so their
+        file times cluster; these times say when each image was finished."""
+        self.finished.append(time.time())
+
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
@@ -75,5 +81,6 @@ class Profile:
             "gpu_busy_s": busy, "gpu_busy_share": busy / wall if busy is not None and wall else None,
             "syncs": syncs if self.cuda else None,
             "syncs_per_batch": syncs / self.batches if self.cuda and self.batches else None,
+            "finished_at": self.finished,
         }
         self.path.write_text(json.dumps(data, indent=1) + "\n")
