@@ -278,12 +278,12 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
     """Run one `legitseg run` subprocess over a fresh OUT and time it.
 
     Start-up: from just before the process is spawned to the modification time of
-    the first record; steady state: (N - K) / (t_N - t_K), t_N the last record (every
-    image written and durable), t_K the time the engine finished the K-th image
-    (LEGITSEG_PROFILE's `finished_at`; without a profile, the K-th record), K being the
-    first batch by default (its images carry the warm-up). Records are made durable a
-    group at a time, so their file times cluster at a group's flush: t_K from them would
-    overstate the rate of a short run. Peak RSS: see `_peak_rss`, sampled every 50 ms. Raises RunFailed when
+    the first record; rate: N / (t_N - t_0), t_N the last record (every image written and
+    durable), t_0 the engine's start once the models are built (LEGITSEG_PROFILE's
+    `started_at`): the first batch's warm-up is counted, so it slightly understates a long
+    run's steady state. Without a profile: (N - K) / (t_N - t_K) over record times, K the
+    first batch. Records are made durable a group at a time and the engine works a pipeline
+    ahead of the records it hands on, so a rate over part of a short run would overstate it. Peak RSS: see `_peak_rss`, sampled every 50 ms. Raises RunFailed when
     the run fails or writes fewer records than expected.
     """
     shutil.rmtree(out, ignore_errors=True)
@@ -322,14 +322,14 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
     k = k or run_json.get("batch_size") or 1
     if not 1 <= k < expected:
         raise RunFailed(f"{expected} images leave no steady state after the first {k} (a batch); use more")
-    start = times[k - 1]
+    start, counted = times[k - 1], expected - k
     profile_path = (env or {}).get("LEGITSEG_PROFILE")
     if profile_path and Path(profile_path).is_file():
-        finished = json.loads(Path(profile_path).read_text()).get("finished_at") or []
-        if len(finished) == expected:
-            start = sorted(finished)[k - 1]
+        started = json.loads(Path(profile_path).read_text()).get("started_at")
+        if isinstance(started, float):
+            start, counted = started, expected  # every image, from the engine's start: no pipeline bias
     span = times[-1] - start  # to the last record: every image's files written and durable
-    steady = (expected - k) / span if span > 0 else float("nan")
+    steady = counted / span if span > 0 else float("nan")
     models = run_json.get("models", {})
     return RunResult(
         images=expected, wall_s=t_end - t0, startup_s=times[0] - t0, steady_img_s=steady, k=k,

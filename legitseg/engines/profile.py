@@ -40,6 +40,7 @@ class Profile:
 
     def __enter__(self) -> Profile:
         self.wall0, self.thread0, self.process0 = time.perf_counter(), time.thread_time(), _cpu_seconds()
+        self.started = time.time()  # the engine's start (models built), for the benchmark's rate
         self.caught = self._warnings.__enter__() or []
         warnings.simplefilter("always")
         if self.cuda:
@@ -81,6 +82,6 @@ class Profile:
             "gpu_busy_s": busy, "gpu_busy_share": busy / wall if busy is not None and wall else None,
             "syncs": syncs if self.cuda else None,
             "syncs_per_batch": syncs / self.batches if self.cuda and self.batches else None,
-            "finished_at": self.finished,
+            "started_at": self.started, "finished_at": self.finished,
         }
         self.path.write_text(json.dumps(data, indent=1) + "\n")
