@@ -19,7 +19,7 @@ from legitseg.annotations import geojson
 from legitseg.annotations.shapes import Shape, shapes
 from legitseg.annotations.source import OutReader, Result, Unexported
 from legitseg.errors import NothingToScore, UsageError
-from legitseg.output.writers import MASKS, OVERLAYS, PROBABILITIES, RECORDS
+from legitseg.output.writers import run_folder_holding
 
 log = logging.getLogger(__name__)
 FORMATS = ("coco", "geojson", "dicom-seg")
@@ -45,12 +45,10 @@ def default_dest(out: Path, fmt: str) -> Path:
 
 def check_destination(out: Path, dest: Path, fmt: str) -> None:
     """Refuse a destination inside the run's own folders, or of the wrong kind. Raises UsageError."""
-    target = dest.resolve()
-    for part in (RECORDS, MASKS, PROBABILITIES, OVERLAYS):
-        inner = (out / part).resolve()
-        if target == inner or inner in target.parents:
-            raise UsageError(f"-o {dest} is inside {out / part}, which belongs to the run; "
-                             f"give a path outside it [default: {default_dest(out, fmt)}]")
+    owned = run_folder_holding(out, dest)
+    if owned is not None:
+        raise UsageError(f"-o {dest} is inside {owned}, which belongs to the run; "
+                         f"give a path outside it [default: {default_dest(out, fmt)}]")
     if fmt == "coco" and dest.is_dir():
         raise UsageError(f"-o {dest} is a folder; --format coco writes one file (e.g. {dest / 'coco.json'})")
     if fmt != "coco" and dest.exists() and not dest.is_dir():

@@ -28,7 +28,10 @@ from legitseg.evaluate.scoring import METRICS, Evaluation
 from legitseg.evaluate.stats import model_statistics
 from legitseg.evaluate.subgroups import subgroup_tables
 from legitseg.evaluate.uncertainty_plot import risk_coverage_plot
-from legitseg.output.writers import MASKS, OVERLAYS, PROBABILITIES, RECORDS, atomic_write
+from legitseg.output.writers import (
+    atomic_write,
+    run_folder_holding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +122,10 @@ def check_destination(out: Path, dest: Path) -> None:
     that are not a previous evaluation (the set replaces the whole folder). Raises UsageError."""
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"--out {dest} is a file; give a folder for the evaluation")
-    target = dest.resolve()
-    for part in (RECORDS, MASKS, PROBABILITIES, OVERLAYS):
-        inner = (out / part).resolve()
-        if target == inner or inner in target.parents:
-            raise UsageError(f"--out {dest} is inside {out / part}, which belongs to the run; "
-                             f"give a folder outside it [default: {out / 'evaluation'}]")
+    owned = run_folder_holding(out, dest)
+    if owned is not None:
+        raise UsageError(f"--out {dest} is inside {owned}, which belongs to the run; "
+                         f"give a folder outside it [default: {out / 'evaluation'}]")
     if dest.is_dir():
         others = sorted(p.name for p in dest.iterdir() if not (p.is_file() and _is_evaluation_file(p.name)))
         if others:

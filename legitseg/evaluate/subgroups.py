@@ -11,7 +11,6 @@ from the metadata and metadata rows of no scored image are named in a warning.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from legitseg.errors import UsageError
 from legitseg.evaluate.stats import metric_block, per_image_errors
-from legitseg.evaluate.truth import _decode
+from legitseg.evaluate.truth import open_table
 
 if TYPE_CHECKING:
     from legitseg.evaluate.scoring import ModelEvaluation
@@ -42,14 +41,7 @@ def read_metadata(path: Path, by: tuple[str, ...]) -> Metadata:
 
     Raises UsageError naming the file (and line) for a missing file, a missing `image` or
     `--by` column, or an image listed twice."""
-    try:
-        text = _decode(path, path.read_bytes())
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not valid {err.encoding} text (byte {err.start})") from err
-    except OSError as err:
-        raise UsageError(f"cannot read metadata {path}: {err.strerror or err}") from err
-    header = text.split("\n", 1)[0]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if "\t" in header and "," not in header else ",")
+    reader = open_table(path, "metadata")
     try:
         fields = [f.strip() for f in reader.fieldnames or []]
         wanted = ("image", *by)

@@ -123,17 +123,23 @@ def _decode(path: Path, raw: bytes) -> str:
     return text
 
 
-def read_grades(path: Path) -> dict[str, TrueGrade]:
-    """`image,grade` rows of a severity CSV. Raises UsageError naming the file and line."""
+def open_table(path: Path, what: str) -> csv.DictReader:
+    """A CSV (UTF-8, or UTF-16 with a BOM; commas, or tabs as Excel writes them) as rows by
+    column. Raises UsageError naming the file for one that cannot be read or decoded."""
     try:
         text = _decode(path, path.read_bytes())
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not valid {err.encoding} text (byte {err.start})") from err
     except OSError as err:
-        raise UsageError(f"cannot read severity ground truth {path}: {err.strerror or err}") from err
+        raise UsageError(f"cannot read {what} {path}: {err.strerror or err}") from err
     header = text.split("\n", 1)[0]
     delimiter = "\t" if "\t" in header and "," not in header else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+
+
+def read_grades(path: Path) -> dict[str, TrueGrade]:
+    """`image,grade` rows of a severity CSV. Raises UsageError naming the file and line."""
+    reader = open_table(path, "severity ground truth")
     try:
         fields = reader.fieldnames
         if not fields or not {"image", "grade"} <= {f.strip() for f in fields}:

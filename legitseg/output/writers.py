@@ -56,6 +56,17 @@ OVERLAYS = "overlays"
 RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 
 
+def run_folder_holding(out: Path, dest: Path) -> Path | None:
+    """The folder of OUT that a run owns (records, masks, probabilities, overlays) which is or
+    holds `dest`, else None: what another command may not write into."""
+    target = dest.resolve()
+    for part in (RECORDS, MASKS, PROBABILITIES, OVERLAYS):
+        inner = (out / part).resolve()
+        if target == inner or inner in target.parents:
+            return out / part
+    return None
+
+
 # -- layout -------------------------------------------------------------------------------
 def mask_path(name: str, model: str) -> str:
     return f"{MASKS}/{model}/{name}.png"
