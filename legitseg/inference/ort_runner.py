@@ -151,9 +151,10 @@ def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int 
         return _fallback(reference, figures, f"model {name!r}: ONNX Runtime's outputs differ from torch's: "
                                              + "; ".join(failures), graph)
     runner.parity, runner.parity_gate = figures.probability, figures.to_json()
+    compared = "mask pixels" if runner.loaded.spec.task == "segmentation" else "grades"
     log.info("%s: onnxruntime backend, %d thread(s), logits within %.2g of the largest (tolerance %g), "
-             "probabilities within %.2g, %d of %d mask pixels changed (all near-ties)", name, threads,
-             figures.relative, tolerance, figures.probability, figures.changed, figures.compared)
+             "probabilities within %.2g, %d of %d %s changed (all near-ties)", name, threads,
+             figures.relative, tolerance, figures.probability, figures.changed, figures.compared, compared)
     return GateResult(runner, figures.probability, None, graph, figures)
 
 
