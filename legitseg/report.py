@@ -33,7 +33,7 @@ from legitseg.images.sources import OUT_MARKER
 from legitseg.inference import uncertainty
 from legitseg.output.overlay import ALPHA, PALETTE, Style, colour, hex_colour, tint
 from legitseg.output.records import ImageRecord, ModelEntry
-from legitseg.output.writers import RECORDS, RUNS, atomic_write, scan_records
+from legitseg.output.writers import RECORDS, atomic_write, read_run_files, scan_records
 from legitseg.report_quality import inadequate_items
 
 log = logging.getLogger(__name__)
@@ -263,18 +263,10 @@ def _styles(run: dict[str, Any], records: list[ImageRecord], models: list[str]) 
     return styles
 
 
-def read_run_files(out: Path, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def runs_by_id(out: Path, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """run_id -> provenance of every run file under OUT/runs/, and run.json's (the latest run)."""
-    runs: dict[str, dict[str, Any]] = {}
-    folder = out / RUNS
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            log.warning("skipping run file %s: %s", path, err)
-            continue
-        if isinstance(data, dict):
-            runs[str(data.get("run_id") or path.stem)] = data
+    files, _ = read_run_files(out)
+    runs = {str(data.get("run_id") or path.stem): data for path, data in files}
     if run.get("run_id") and str(run["run_id"]) not in runs:
         runs[str(run["run_id"])] = run
     return runs
@@ -368,7 +360,7 @@ def build_context(out: Path, dest: Path, max_thumbnails: int, thumbnail_size: in
         "out": str(out.resolve()), "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "legitseg": __version__, "run": run, "manifest": manifest,
         "arguments": json.dumps(run.get("arguments") or {}),
-        "provenance": provenance(records, read_run_files(out, run)),
+        "provenance": provenance(records, runs_by_id(out, run)),
         "summaries": model_summaries(records, models, styles),
         "legend": legend(cards, {m: styles[m] for m in seg_models}),
         "cards": cards, "rows": rows, "images": len(records),

@@ -8,7 +8,6 @@ summaries are those of a quiet folder.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from legitseg.output.writers import (
     PROBABILITIES,
     RECORDS,
     RUNS,
+    read_run_files,
     rebuild_summaries,
     scan_records,
 )
@@ -98,21 +98,12 @@ def summarise_records(records: list[ImageRecord]) -> dict[str, ModelSummary]:
 
 def read_runs(out: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The run files under OUT/runs/ (oldest first, by start time), and those that cannot be read."""
-    runs, unreadable = [], []
-    folder = out / RUNS
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            log.warning("skipping run file %s: %s", path, err)
-            unreadable.append(str(path.relative_to(out)))
-            continue
-        runs.append({"run_id": data.get("run_id", path.stem), "status": data.get("status"),
-                     "shard": data.get("shard"), "engine": data.get("engine", "local"),
-                     "started": data.get("started"), "ended": data.get("ended"),
-                     "device": data.get("device"), "counts": data.get("counts", {})})
+    files, bad = read_run_files(out)
+    unreadable = [str(path.relative_to(out)) for path in bad]
+    runs = [{"run_id": data.get("run_id", path.stem), "status": data.get("status"),
+             "shard": data.get("shard"), "engine": data.get("engine", "local"),
+             "started": data.get("started"), "ended": data.get("ended"),
+             "device": data.get("device"), "counts": data.get("counts", {})} for path, data in files]
     runs.sort(key=lambda r: (str(r["started"] or ""), str(r["run_id"])))
     return runs, unreadable
 
@@ -190,6 +181,10 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _figures(s: dict[str, float], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{k} {_fmt(s[k])}" for k in keys)
+
+
 def render(data: dict[str, Any]) -> list[str]:
     """The text form of `summary()`: plain lines, never wrapped, fit for cron mail and pipes."""
     lines = [f"legitseg summary of {data['out']}",
@@ -203,19 +198,15 @@ def render(data: dict[str, Any]) -> list[str]:
         lines.append(f"model {name} ({m['task']}): {m['ok']} ok, {m['failed']} failed"
                      + (f" ({kinds})" if kinds else ""))
         for label, s in m.get("area_fraction_stats", {}).items():
-            lines.append(f"  area_fraction {label}: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
-                         f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
+            lines.append(f"  area_fraction {label}: {_figures(s, ('mean', 'median', 'min', 'max'))}")
         if "score" in m:
-            s = m["score"]
-            lines.append(f"  score: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
-                         f"min {_fmt(s['min'])}, max {_fmt(s['max'])}")
+            lines.append(f"  score: {_figures(m['score'], ('mean', 'median', 'min', 'max'))}")
         if "grades" in m:
             lines.append("  grades: " + ", ".join(f"{g}: {n}" for g, n in m["grades"].items()))
         if "referred" in m:
             lines.append(f"  referred: {m['referred']} of {m['ok']} ok")
         for measure, s in m.get("uncertainty_stats", {}).items():
-            lines.append(f"  uncertainty {measure}: mean {_fmt(s['mean'])}, median {_fmt(s['median'])}, "
-                         f"max {_fmt(s['max'])}")
+            lines.append(f"  uncertainty {measure}: {_figures(s, ('mean', 'median', 'max'))}")
     if "quality" in data:
         q = data["quality"]
         lines.append(f"quality: {q['adequate']} adequate, {q['inadequate']} inadequate ({q['skipped']} not run), "

@@ -85,9 +85,13 @@ class ModelKit:
         self.models[name] = entry
         return entry
 
-    def write(self, name: str = "models.yaml") -> Path:
+    def write(self, name: str = "models.yaml", *, quality: dict | None = None) -> Path:
+        """The manifest of the models added so far; `quality` is its `quality:` policy, if any."""
+        data: dict = {"version": 1, "models": self.models}
+        if quality:
+            data["quality"] = quality
         path = self.root / name
-        path.write_text(yaml.safe_dump({"version": 1, "models": self.models}, sort_keys=False))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
 

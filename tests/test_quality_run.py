@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from legitseg.output.records import CSV_FIELDS
 from tests.conftest import invoke_cli
@@ -31,12 +30,7 @@ def setup(kit, tmp_path):
 
 
 def manifest(kit, **policy) -> Path:
-    path = kit.write()
-    data = yaml.safe_load(path.read_text())
-    if policy:
-        data["quality"] = policy
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return kit.write(quality=policy)
 
 
 def run(images, out, m, *extra):

@@ -56,6 +56,24 @@ OVERLAYS = "overlays"
 RUNS = "runs"  # OUT/runs/<run_id>.json: one per run, never overwritten
 
 
+def read_run_files(out: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """Every run file under OUT/runs/ as (path, its JSON object), by name, and the paths of
+    those that cannot be read or are not a JSON object (each logged once)."""
+    runs, unreadable = [], []
+    folder = out / RUNS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            log.warning("skipping run file %s: %s", path, err)
+            unreadable.append(path)
+            continue
+        runs.append((path, data))
+    return runs, unreadable
+
+
 def run_folder_holding(out: Path, dest: Path) -> Path | None:
     """The folder of OUT that a run owns (records, masks, probabilities, overlays) which is or
     holds `dest`, else None: what another command may not write into."""
