@@ -77,11 +77,17 @@ def test_item11_every_onnxruntime_import_goes_through_the_guarded_function():
         probe.unlink()
 
 
+# ONNX Runtime writes no telemetry files when it sees one of these (a CI machine sets
+# them): they are removed so the tests below see what a user's shell sees.
+CI_MARKERS = ("CI", "TF_BUILD", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "JENKINS_URL",
+              "CODEBUILD_BUILD_ID", "BUILDKITE", "TEAMCITY_VERSION", "APPVEYOR", "BITBUCKET_BUILD_NUMBER")
+
+
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """This environment with HOME at `home` and nothing that moves a cache elsewhere."""
+    """This environment with HOME at `home`, nothing that moves a cache elsewhere and no CI marker."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("XDG_", "LEGITSEG_", "ORT_", "HF_", "TORCH_", "RAY_"))
-           and k not in ("PYTEST_CURRENT_TEST",)}
+           and k not in ("PYTEST_CURRENT_TEST", *CI_MARKERS)}
     env.update(HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -91,14 +97,8 @@ def _home_files(home: Path) -> list[str]:
 
 
 def test_item11_the_guarded_import_leaves_nothing_even_when_telemetry_was_asked_for(tmp_path):
-    # Control: a bare import with the same environment writes the telemetry files, so an
-    # empty HOME below means the guard worked, not that this ONNX Runtime never writes.
     bare, guarded = tmp_path / "bare", tmp_path / "guarded"
     bare.mkdir(), guarded.mkdir()
-    env_bare = _clean_env(bare, ORT_DISABLE_TELEMETRY="0")
-    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env_bare, check=True, timeout=120)
-    assert any(f.startswith(TELEMETRY.as_posix()) for f in _home_files(bare)), _home_files(bare)
-
     code = ("import os; from legitseg.inference.ort_import import onnxruntime; ort = onnxruntime(); "
             "assert ort.InferenceSession; print(os.environ['ORT_DISABLE_TELEMETRY'])")
     r = subprocess.run([sys.executable, "-c", code], env=_clean_env(guarded, ORT_DISABLE_TELEMETRY="0"),
@@ -106,6 +106,14 @@ def test_item11_the_guarded_import_leaves_nothing_even_when_telemetry_was_asked_
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"  # forced off, whatever the caller set
     assert _home_files(guarded) == []
+
+    # Control: a bare import with the same environment writes the telemetry files, so the
+    # empty HOME above means the guard worked, not that this ONNX Runtime never writes.
+    env_bare = _clean_env(bare, ORT_DISABLE_TELEMETRY="0")
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env_bare, check=True, timeout=120)
+    if not any(f.startswith(TELEMETRY.as_posix()) for f in _home_files(bare)):
+        pytest.skip("this ONNX Runtime writes no telemetry here even unguarded, so the empty HOME "
+                    "above proves nothing on this machine")
 
 
 def test_item11_cli_run_and_export_leave_nothing_in_home_but_legitseg_cache(world, tmp_path):
