@@ -223,7 +223,7 @@ class RunResult:
     images: int
     wall_s: float  # process start to exit
     startup_s: float  # process start to the first record written
-    steady_img_s: float  # images after the first K, over the time they took
+    steady_img_s: float  # steady state: between the first and the last-but-one batch's records
     k: int
     peak_rss_mb: float
     batch_size: int | None
@@ -233,6 +233,8 @@ class RunResult:
     profile: dict | None = None  # LEGITSEG_PROFILE's JSON: GPU busy share, main-thread CPU, syncs
     area_fraction: float | None = None  # mean mask area over the run's masks (scores.jsonl); None: no masks
     parity_gate: dict = field(default_factory=dict)  # model -> run.json's parity_gate (the rule's figures)
+    from_start_img_s: float | None = None  # N / (last record - engine start): pipeline fill included
+    startup_split: list = field(default_factory=list)  # [step, seconds] from spawn to the first record
 
 
 class RunFailed(RuntimeError):
@@ -278,12 +280,8 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
     """Run one `legitseg run` subprocess over a fresh OUT and time it.
 
     Start-up: from just before the process is spawned to the modification time of
-    the first record; rate: N / (t_N - t_0), t_N the last record (every image written and
-    durable), t_0 the engine's start once the models are built (LEGITSEG_PROFILE's
-    `started_at`): the first batch's warm-up is counted, so it slightly understates a long
-    run's steady state. Without a profile: (N - K) / (t_N - t_K) over record times, K the
-    first batch. Records are made durable a group at a time and the engine works a pipeline
-    ahead of the records it hands on, so a rate over part of a short run would overstate it. Peak RSS: see `_peak_rss`, sampled every 50 ms. Raises RunFailed when
+    the first record, split by step (`rates`); rates: steady and from the engine's start
+    (`rates`). Peak RSS: see `_peak_rss`, sampled every 50 ms. Raises RunFailed when
     the run fails or writes fewer records than expected.
     """
     shutil.rmtree(out, ignore_errors=True)
@@ -322,21 +320,48 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
     k = k or run_json.get("batch_size") or 1
     if not 1 <= k < expected:
         raise RunFailed(f"{expected} images leave no steady state after the first {k} (a batch); use more")
-    start, counted = times[k - 1], expected - k
-    profile_path = (env or {}).get("LEGITSEG_PROFILE")
-    if profile_path and Path(profile_path).is_file():
-        started = json.loads(Path(profile_path).read_text()).get("started_at")
-        if isinstance(started, float):
-            start, counted = started, expected  # every image, from the engine's start: no pipeline bias
-    span = times[-1] - start  # to the last record: every image's files written and durable
-    steady = counted / span if span > 0 else float("nan")
+    steady, from_start, split = rates(times, k, t0, (env or {}).get("LEGITSEG_PROFILE"))
     models = run_json.get("models", {})
     return RunResult(
         images=expected, wall_s=t_end - t0, startup_s=times[0] - t0, steady_img_s=steady, k=k,
+        from_start_img_s=from_start, startup_split=split,
         peak_rss_mb=peak / 2**20, batch_size=run_json.get("batch_size"),
         workers=run_json.get("workers"),
         backends={m: v.get("backend", "torch") for m, v in models.items()}, command=command,
         area_fraction=mean_area(out), parity_gate={m: v.get("parity_gate") for m, v in models.items()})
+
+
+def rates(times: list[float], k: int, spawned: float, profile_path: str | None
+          ) -> tuple[float, float | None, list]:
+    """(steady, from_start, start-up split) of a run from its record times (sorted).
+
+    Steady: (N - 2K) / (t[N-K] - t[K]), from the first batch's last record to the last-but-one
+    batch's last record. At both instants the pipeline is equally full (the engine works up to
+    two batches ahead of the records), so the rate is neither flattered by the drain at the end
+    nor lowered by the fill at the start: it is the pace of a long run, the quantity the forward
+    bounds measure. Runs of fewer than 3K images: (N - K) / (t_N - t_K). From start: N /
+    (t_N - engine start) (LEGITSEG_PROFILE), the fill counted. The split: from the spawn to the
+    first record, by the marks of legitseg/timeline.py.
+    """
+    n = len(times)
+    if n >= 3 * k:
+        steady = (n - 2 * k) / (times[n - k - 1] - times[k - 1])
+    else:
+        steady = (n - k) / (times[-1] - times[k - 1])
+    profile = json.loads(Path(profile_path).read_text()) if profile_path and Path(profile_path).is_file() else {}
+    started = profile.get("started_at")
+    from_start = n / (times[-1] - started) if isinstance(started, float) else None
+    split, last = [], spawned
+    names = {"run": "python, imports", "planned": "hash weights, find images", "device": "torch, device"}
+    for name, at in profile.get("marks", []):
+        verb, _, model = name.partition(" ")
+        step = names.get(name) or {"built": "build", "exported": "export/cache", "gated": "gate",
+                                   "ready": "runner"}.get(verb, verb) + f" {model}"
+        split.append([step, at - last])
+        last = at
+    if isinstance(started, float):
+        split += [["engine start", started - last], ["first batch", times[0] - started]]
+    return steady, from_start, split
 
 
 def mean_area(out: Path) -> float | None:

@@ -253,6 +253,8 @@ class Bench:
             "ort_bound_img_s": ort_a,
             "researcher_img_s": b_rate,
             "legitseg_img_s": c.steady_img_s,
+            "from_start_img_s": c.from_start_img_s,
+            "startup_split": c.startup_split,
             "c_over_a": c.steady_img_s / a,
             "c_over_b": c.steady_img_s / b_rate if b_rate else None,
             "c_over_ort": c.steady_img_s / ort_a if ort_a else None,
@@ -279,8 +281,10 @@ class Bench:
         self.rows.append(row)
         area = "-" if c.area_fraction is None else f"{c.area_fraction:.3f}"
         self.say(f"    {label}: (a) {a:.2f}  (a') {ort_a or 0:.2f}  (b) {b_rate or 0:.2f}  (c) {c.steady_img_s:.2f} "
-                 f"img/s, start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB, ran {row['ran']}, "
+                 f"img/s (from start {c.from_start_img_s or 0:.2f}), start-up {c.startup_s:.1f}s, peak RSS {c.peak_rss_mb:.0f} MB, ran {row['ran']}, "
                  f"mask area {area}")
+        if c.startup_split:
+            self.say("      start-up: " + ", ".join(f"{step} {s:.2f}s" for step, s in c.startup_split))
         self.write_partial()
         return row
 

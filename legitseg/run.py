@@ -38,6 +38,7 @@ from legitseg.output.records import ImageRecord
 from legitseg.output.resume import Resume
 from legitseg.output.shard import check_layout, claim_layout
 from legitseg.output.writers import RECORDS, RUNS, ImageOutcome, rebuild_summaries, write_summaries
+from legitseg.timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     Raises LegitsegError subclasses with the exit codes of docs/exit-codes.md.
     """
     started_at = time.time()
+    mark("run")
     for spec in cfg.models:
         for weights, sha256 in spec.weight_files:
             verify_sha256(weights, sha256, spec.name)
@@ -199,12 +201,14 @@ def _execute_locked(cfg: RunConfig, stop: threading.Event, found: Discovery, res
     for record in skipped:  # a verdict given again by the quality policy was rewritten by the plan
         if record is not resume.records.get(record.name):
             resume.wrote(record)
+    mark("planned")
     runners: list = []
     if todo and not stop.is_set():
         # A Predictor's runners are on their device already; else `auto` is resolved here.
         chosen = resolve_device(str(cfg.runners[0].device) if cfg.runners else cfg.device, cfg.precision,
                                 cfg.batch_size, cfg.workers, cfg.writers)
         device = chosen.device
+        mark("device")
         settings.workers, settings.batch_size, settings.writers = chosen.workers, chosen.batch_size, chosen.writers
         settings.device = str(device)
         if cfg.runners:
@@ -363,6 +367,8 @@ def build_runners(specs: list[ModelSpec], device, precision: str, backend: str |
     runners = []
     for spec in specs:
         loaded = load_model(spec)
+        mark(f"built {spec.name}")
         runners.append(build_runner(loaded, device, precision, backend, settings))
+        mark(f"ready {spec.name}")
         log.info("built %s (%s, %.2fs)", spec.name, spec.arch or spec.encoder, loaded.build_seconds)
     return runners

@@ -6,6 +6,7 @@ so that building, saving and running them takes well under a second.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -124,6 +125,15 @@ def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, env: 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "legitseg", *args], cwd=cwd, input=stdin,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_heap() -> Iterator[None]:
+    """legitseg.cli.main freezes the heap when a command ends (gc.freeze: a quick exit); tests that
+    call it in process get the pytest worker's objects back to the collector afterwards."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

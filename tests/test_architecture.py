@@ -25,7 +25,7 @@ PACKAGE = REPO / "legitseg"
 # output/ sits below images/ and the compute layers: the sink takes typed results and knows
 # nothing of decoding or torch. verify/ sits above TOP because freezing a package runs a run.
 # The package itself (legitseg/__init__.py, the public API) and __main__ are the CLI's layer.
-LEAVES = {"legitseg._version", "legitseg.errors", "legitseg.fsio", "legitseg.provenance"}
+LEAVES = {"legitseg._version", "legitseg.errors", "legitseg.fsio", "legitseg.provenance", "legitseg.timeline"}
 # annotations/ reads OUT as evaluate/ does (records, masks, probability maps) and sits beside it.
 ORDER = ["LEAVES", "manifest", "output", "images", "models", "inference", "engines", "evaluate", "annotations",
          "TOP", "verify", "cli"]

@@ -66,6 +66,11 @@ def test_tiny_bench_reports_every_column(tmp_path, monkeypatch, capsys):
         p = row["profile"]
         assert p["images"] == row["run"]["images"] and p["batches"] >= 1, row["row"]
         assert 0 < p["main_thread_cpu_share"] and p["process_cpu_s_per_image"] > 0, row["row"]
+        # ... and how its start-up divides (legitseg/timeline.py): every step, none negative.
+        steps = [step for step, _ in row["startup_split"]]
+        assert steps[:3] == ["python, imports", "hash weights, find images", "torch, device"], steps
+        assert steps[-2:] == ["engine start", "first batch"] and any(s.startswith("build ") for s in steps)
+        assert all(v >= 0 for _, v in row["startup_split"]) and row["from_start_img_s"] > 0, row["startup_split"]
     (ceiling,) = [c for c in results["ceilings"] if c["row"] == "large images"]
     assert ceiling["decode_cpu"] > 0 and ceiling["encode"] > 0 and ceiling["decode_gpu"] is None
     assert ceiling["smallest"] == min(ceiling["forward"], ceiling["decode_cpu"], ceiling["encode"])
@@ -125,3 +130,22 @@ def test_the_two_model_loop_and_bound_of_the_two_model_row(tmp_path):
     assert loop.stages_ms["forward"] > 0 and loop.stages_ms["write"] > 0
     assert measure.combined_rate([10.0, 10.0]) == pytest.approx(5.0)
     assert measure.combined_rate([4.0, 12.0]) == pytest.approx(3.0)
+
+
+def test_rates_take_the_steady_pace_between_two_full_pipelines_and_split_the_start_up(tmp_path):
+    # Batches of 4 finish every 0.4 s after a 1.0 s fill; the last batch drains in 0.1 s.
+    k, ends = 4, [1.0 + 0.4 * b for b in range(5)] + [2.7]
+    times = sorted(t - 0.01 * i for t in ends for i in range(k))
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"started_at": 100.0 - 0.5, "marks": [
+        ["run", 97.0], ["planned", 97.1], ["device", 98.0], ["built m", 98.5], ["exported m", 98.7],
+        ["gated m", 99.2], ["ready m", 99.3]]}))
+    times = [100.0 + t for t in times]
+    steady, from_start, split = measure.rates(times, k, 96.0, str(profile))
+    assert steady == pytest.approx((24 - 8) / (2.6 - 1.0))  # = 10 img/s: neither the fill nor the drain
+    assert from_start == pytest.approx(24 / (102.7 - 99.5))
+    assert [s for s, _ in split] == ["python, imports", "hash weights, find images", "torch, device", "build m",
+                                     "export/cache m", "gate m", "runner m", "engine start", "first batch"]
+    assert [round(v, 2) for _, v in split] == [1.0, 0.1, 0.9, 0.5, 0.2, 0.5, 0.1, 0.2, 1.47]
+    # Short runs (< 3 batches): after the first batch to the last record.
+    assert measure.rates(times[:8], k, 96.0, None)[:2] == (pytest.approx(4 / (times[7] - times[3])), None)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from legitseg.timeline import marks
+
 
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -83,5 +85,7 @@ class Profile:
             "syncs": syncs if self.cuda else None,
             "syncs_per_batch": syncs / self.batches if self.cuda and self.batches else None,
             "started_at": self.started, "finished_at": self.finished,
+            # The start-up steps before the engine (legitseg/timeline.py): [name, wall-clock time].
+            "marks": [[name, at] for name, at in marks()],
         }
         self.path.write_text(json.dumps(data, indent=1) + "\n")

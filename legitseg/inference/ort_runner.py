@@ -23,6 +23,7 @@ from legitseg.inference.ort_import import onnxruntime as import_ort
 from legitseg.inference.parity_rule import ParityFigures, compare
 from legitseg.inference.runners import Preprocessor, Runner, prep_for
 from legitseg.models.onnx_export import INPUT, OUTPUT, CachedGraph, ExportFailed, cached_onnx
+from legitseg.timeline import mark
 
 if TYPE_CHECKING:
     from legitseg.models.factory import LoadedModel
@@ -139,8 +140,10 @@ def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int 
     graph: CachedGraph | None = None
     try:
         graph = cached_onnx(loaded, cache_dir)
+        mark(f"exported {name}")
         runner = OrtRunner(loaded, make_session(graph.data, threads))
         figures = compare(reference, runner)
+        mark(f"gated {name}")
     except ExportFailed as err:
         return _fallback(reference, None, f"{err}")
     except (RuntimeError, ValueError, *ort_errors()) as err:
