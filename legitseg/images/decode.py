@@ -1,6 +1,10 @@
 """Read, check and decode one image to 8-bit RGB (SPEC 4.1), then resize it per model (4.2).
 
 Runs in background threads: OpenCV releases the GIL while decoding and resizing.
+A file OpenCV decodes stays in its BGR order until each model's input is resized, and
+only those small inputs are converted to RGB: a full-size conversion of a 12 MP photo
+costs ~7 ms of CPU and a fresh 36 MB array, and is made only when something needs the
+photograph itself at its native size (overlays, quality checks, pad and tile models).
 Every problem with one image becomes an ImageError whose message names it; the
 run records it and goes on.
 """
@@ -169,13 +173,13 @@ def check_header(data: bytes, max_pixels: int) -> str:
     return fmt
 
 
-def to_rgb8(arr: np.ndarray) -> np.ndarray:
-    """OpenCV's BGR (8 or 16 bit) -> contiguous 8-bit RGB; 16-bit by value/257, rounded."""
+def to_8bit(arr: np.ndarray) -> np.ndarray:
+    """8- or 16-bit samples -> 8-bit, 16-bit by value/257, rounded; the channel order is kept."""
     if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif arr.dtype != np.uint8:
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if arr.dtype != np.uint8:
         raise ImageError(f"unsupported sample type {arr.dtype} (8- or 16-bit integer images only)")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return arr
 
 
 def _tiff_unassociated_alpha(data: bytes) -> np.ndarray | None:
@@ -219,27 +223,39 @@ def decode_heif(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
-def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
-    """Decode to oriented 8-bit RGB (H, W, 3)."""
+def decode_8bit(data: bytes, fmt: str) -> tuple[np.ndarray, bool]:
+    """Decode to oriented 8-bit (H, W, 3) in the decoder's own channel order, and whether that
+    order is OpenCV's BGR (True) or RGB (False: HEIF, DICOM, TIFF with unassociated alpha)."""
     if fmt == "HEIF":
-        return decode_heif(data)
+        return decode_heif(data), False
     if fmt == "DICOM":
-        return dicom.decode(data)
+        return dicom.decode(data), False
     if fmt == "TIFF":
         rgb = _tiff_unassociated_alpha(data)
         if rgb is not None:
-            return rgb
+            return rgb, False
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV_FLAGS)
     if arr is None:
         raise ImageError(f"{fmt} data could not be decoded (corrupt or truncated)")
     if arr.ndim == 2:
         arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
-    return to_rgb8(arr)
+    return to_8bit(arr), True
 
 
-def prepare(rgb: np.ndarray, prep: Prep) -> np.ndarray:
-    """uint8 HWC input for one Prep: stretch-resized; letterbox-resized (aspect ratio kept,
-    not yet padded: the runner pads after normalisation); or native size for pad and tile."""
+def decode_rgb(data: bytes, fmt: str) -> np.ndarray:
+    """Decode to oriented 8-bit RGB (H, W, 3)."""
+    arr, bgr = decode_8bit(data, fmt)
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if bgr else arr
+
+
+def prepare(rgb: np.ndarray, prep: Prep, bgr: bool = False) -> np.ndarray:
+    """uint8 HWC RGB (or gray) input for one Prep: stretch-resized; letterbox-resized (aspect ratio
+    kept, not yet padded: the runner pads after normalisation); or native size for pad and tile.
+
+    `bgr`: the image is in OpenCV's order; it is resized first and only the result converted.
+    Resizing works channel by channel and RGB2GRAY on RGB is BGR2GRAY on BGR, so the input
+    is the same, bit for bit, as that of the image converted to RGB first.
+    """
     img = rgb
     if prep.resize in ("stretch", "letterbox"):
         h, w = prep.size
@@ -248,7 +264,9 @@ def prepare(rgb: np.ndarray, prep: Prep) -> np.ndarray:
         if img.shape[:2] != (h, w):
             img = cv2.resize(img, (w, h), interpolation=INTERPOLATION[prep.interpolation])
     if prep.channels == 1:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)[:, :, None]
+    elif bgr:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img)
 
 
@@ -276,7 +294,11 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
                 size, turn = planned
                 return DecodedImage(source, digest, size, encoded=torch.frombuffer(data, dtype=torch.uint8),
                                     orientation=turn)
-        rgb = decode_rgb(data, fmt)
+        pixels, bgr = decode_8bit(data, fmt)
+        if bgr and any(p.resize not in ("stretch", "letterbox") and p.channels == 3 for p in preps):
+            # A model at native size, or the photograph itself (overlays, quality), wants the
+            # full-size RGB: converted once, shared by those preps.
+            pixels, bgr = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), False
     except ImageError as err:
         # The record keeps the hash of a bad file too.
         raise ImageError(str(err), sha256=digest) from (err.__cause__ or err)
@@ -286,13 +308,17 @@ def load_image(source: Source, preps: list[Prep], max_pixels: int, defer_jpeg: b
     except MemoryError as err:
         raise ImageError(f"not enough memory to decode {len(data):,} bytes", sha256=digest) from err
     del data
-    return prepared(source, digest, rgb, preps)
+    return prepared(source, digest, pixels, preps, bgr=bgr)
 
 
-def prepared(source: Source, sha256: str, rgb: np.ndarray, preps: list[Prep]) -> DecodedImage:
-    """A decoded 8-bit RGB image with its input for every Prep (files and in-memory pixels alike)."""
+def prepared(source: Source, sha256: str, rgb: np.ndarray, preps: list[Prep],
+             bgr: bool = False) -> DecodedImage:
+    """A decoded 8-bit RGB image with its input for every Prep (files and in-memory pixels alike).
+
+    `bgr`: the image is in OpenCV's order (a file's full decode); see `prepare`.
+    """
     item = DecodedImage(source, sha256, rgb.shape[:2])
     for prep in preps:
-        item.inputs[prep] = prepare(rgb, prep)
+        item.inputs[prep] = prepare(rgb, prep, bgr)
     return item
 
