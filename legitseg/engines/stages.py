@@ -144,7 +144,8 @@ class Stages:
         return outputs
 
     def finish(self, item: DecodedImage, outputs: dict[str, ModelOutput]) -> ImageResult:
-        """One image's result on the host: areas, regions, scores (waits for its batch's copy)."""
+        """One image's result on the host: areas, scores (waits for its batch's copy). Its regions are
+        counted where the result is first read (`SegmentationResult.components`): the Sink's writer thread."""
         done = {r.name: self._postprocess(r, outputs[r.name], item) for r in self.runners}
         source = item.source
         return ImageResult(source.display, source.name, source_key(source.path), item.sha256, item.size, done,

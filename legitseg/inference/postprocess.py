@@ -22,7 +22,7 @@ from legitseg.output.records import SegmentationResult, SeverityResult
 if TYPE_CHECKING:
     from legitseg.manifest.spec import ModelSpec
 
-__all__ = ["SegmentationResult", "SeverityResult", "activation", "count_components", "segmentation", "severity"]
+__all__ = ["SegmentationResult", "SeverityResult", "activation", "count_components", "regions", "segmentation", "severity"]
 
 
 def segmentation(logits: torch.Tensor, size: tuple[int, int], spec: ModelSpec,
@@ -98,7 +98,8 @@ def counts_on_device(mask: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[int, int],
                         spec: ModelSpec, members: dict | None = None,
                         counts: np.ndarray | None = None) -> SegmentationResult:
-    """Areas and regions of a finished mask (H, W) on the host; `counts` from `counts_on_device` if given;
+    """Areas of a finished mask (H, W) on the host, and its regions to count (`regions`, on the first read of
+    the result's `components`: in the thread that writes the mask); `counts` from `counts_on_device` if given;
     with uncertainty on, its measures (`members`: those of the views/members, `uncertainty.members_of`)."""
     if mask.dtype == np.int32:
         mask = mask.astype(np.uint16)
@@ -113,9 +114,9 @@ def finish_segmentation(mask: np.ndarray, probs: np.ndarray | None, size: tuple[
         per_class = np.bincount(mask.ravel(), minlength=spec.classes).tolist()
     labels = spec.label_names
     area = {labels[i]: per_class[i] / total for i in range(1, len(labels))}
-    components = {labels[i]: count_components(mask, i, binary=spec.classes == 1) if per_class[i] else 0
-                  for i in range(1, len(labels))}
-    result = SegmentationResult(mask, probs, area, components)
+    present = tuple(bool(n) for n in per_class[:len(labels)])
+    result = SegmentationResult(mask, probs, area,
+                                functools.partial(regions, mask, tuple(labels), present, spec.classes == 1))
     uncertainty.annotate(result, spec, members)
     return result
 
@@ -182,6 +183,12 @@ def argmax_planes(planes: np.ndarray) -> np.ndarray:
         np.maximum(best, planes[c], out=best)  # NaN spreads: best is NaN where any plane is
     index[np.isnan(best)] = 0
     return index
+
+
+def regions(mask: np.ndarray, labels: tuple[str, ...], present: tuple[bool, ...], binary: bool) -> dict[str, int]:
+    """Label name -> connected regions of `mask`, background excepted; a label without a pixel (`present`
+    false, from the areas' counts) has none and its mask is not walked."""
+    return {labels[i]: count_components(mask, i, binary=binary) if present[i] else 0 for i in range(1, len(labels))}
 
 
 def count_components(mask: np.ndarray, label: int, binary: bool = False) -> int:

@@ -12,6 +12,7 @@ Pure data: no torch, no file layout (that is `writers.Sink`'s).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +69,14 @@ class SegmentationResult:
     mask: np.ndarray  # (H, W) uint8, or uint16 above 255 classes
     probabilities: np.ndarray | None  # (C, H, W) float16 when kept
     area_fraction: dict[str, float]
-    components: dict[str, int]
+    counted: dict[str, int] | Callable[[], dict[str, int]]  # `components`, or what counts them on its first read
     uncertainty: dict[str, Any] | None = None  # measures, with uncertainty on
     referral: dict[str, Any] | None = None  # refer policy's verdict: refer, measure, value, above
+
+    @property  # read first by the Sink's writer thread, right before it encodes the mask (docs/architecture.md)
+    def components(self) -> dict[str, int]:
+        self.counted = self.counted() if callable(self.counted) else self.counted
+        return self.counted
 
     def values(self) -> dict[str, Any]:
         return {"area_fraction": self.area_fraction, "components": self.components,

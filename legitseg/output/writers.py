@@ -264,6 +264,8 @@ class Sink:
         entry.overlay = path
 
     def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb, files: list) -> ModelEntry:
+        # The entry reads the result's values: a segmentation's regions are counted here, in this
+        # writer thread, right before its mask is encoded as PNG (SegmentationResult.components).
         entry = info.entry(output, self.run_id)
         if not entry.ok:
             self._drop_overlay(info.name, name)
