@@ -177,3 +177,33 @@ def test_a_ray_actor_counts_before_its_results_leave_it(world):
             assert type(output.result.counted) is dict
             assert output.result.counted == {label: _regions(output.result.mask, i)
                                              for i, label in enumerate(output.result.area_fraction, start=1)}
+
+
+def test_a_count_that_fails_fails_that_image_alone(world, tmp_path, monkeypatch):
+    """Counting moved from the postprocessing pool to the writer; an OpenCV error there still fails
+    one image's entry (error_kind postprocess, exit 1), not the run."""
+    manifest, photos = world
+    count = postprocess.count_components
+    shape = cv2.imread(str(photos / "p2.png")).shape[:2]  # the world's photos differ in size
+    assert sum(cv2.imread(str(p)).shape[:2] == shape for p in photos.iterdir()) == 1
+    seen: list[tuple[int, int]] = []
+
+    def failing(mask, label, binary=False):
+        seen.append(mask.shape)
+        if mask.shape == shape:
+            raise cv2.error("connectedComponents: injected failure")
+        return count(mask, label, binary)
+
+    monkeypatch.setattr(postprocess, "count_components", failing)
+    out = tmp_path / "out"
+    r = invoke_cli("run", photos, "-m", manifest, "-o", out, "--device", "cpu", "--backend", "torch", "--quiet")
+    assert r.returncode == 1, r.stderr
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+    assert len(records) == 6 and seen
+    for name, record in records.items():
+        failed = name.startswith("p2")
+        assert (record["status"] == "failed") is failed, (name, record["status"])
+        if failed:
+            entries = [e for e in record["models"].values() if e["status"] != "ok"]
+            assert entries and all(e["error_kind"] == "postprocess" and "injected failure" in e["error"]
+                                   for e in entries), record["models"]

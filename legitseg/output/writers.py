@@ -266,7 +266,11 @@ class Sink:
     def _entry(self, info: ModelInfo, output: ModelOutput, name: str, rgb, files: list) -> ModelEntry:
         # The entry reads the result's values: a segmentation's regions are counted here, in this
         # writer thread, right before its mask is encoded as PNG (SegmentationResult.components).
-        entry = info.entry(output, self.run_id)
+        # Counting that fails fails this image's entry, as postprocessing did before it moved here.
+        try:
+            entry = info.entry(output, self.run_id)
+        except (ValueError, cv2.error) as err:
+            entry = info.entry(ModelOutput.failed(f"postprocessing failed: {err}", "postprocess"), self.run_id)
         if not entry.ok:
             self._drop_overlay(info.name, name)
             return entry
