@@ -66,6 +66,10 @@ def test_one_run_writes_one_mask_and_records_every_members_sha256(setup, tmp_pat
     assert record["models"]["folds"]["weights_sha256"] == kit.models["folds"]["sha256"]
     run = json.loads((out / "run.json").read_text())
     assert len(run["models"]["folds"]["weights"]) == 3
+    # Each member was gated on its own (the default backend on the CPU): run.json keeps every figure.
+    assert run["models"]["folds"]["backend"] == "onnxruntime"
+    gates = run["models"]["folds"]["parity_gate"]["members"]
+    assert len(gates) == 3 and all(g["passed"] is True and g["compared"] > 0 for g in gates), gates
     rerun = CliRunner().invoke(app, [*args, "--jsonl"])
     assert all(not json.loads(line)["computed"] for line in rerun.stdout.splitlines())
 

@@ -45,6 +45,9 @@ def test_tta_matches_the_reference_on_both_backends(setup, name):
     by_backend = runners(manifest, name)
     assert all(isinstance(r, ModeRunner) for r in by_backend.values())
     assert by_backend["onnxruntime"].backend == "onnxruntime"
+    # The one graph's gate figures, as a plain model records them (run.json's parity_gate).
+    gate = by_backend["onnxruntime"].parity_gate
+    assert gate["passed"] is True and gate["probability"] == pytest.approx(by_backend["onnxruntime"].parity, rel=1e-5)
     for path in files:
         rgb = decoded(path)
         want = ref.stretch(modules, rgb, entry, list(load_manifest(manifest).models[name].tta))

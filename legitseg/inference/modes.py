@@ -103,6 +103,9 @@ class ModeRunner:
         self.backend = "+".join(dict.fromkeys(m.backend for m in self.members))
         figures = [m.parity for m in self.members if m.parity is not None]
         self.parity = max(figures) if figures else None
+        # run.json's parity_gate: the one member's gate (TTA, letterbox, tile) or one per ensemble member.
+        gates = [getattr(m, "parity_gate", None) for m in self.members]
+        self.parity_gate = gates[0] if len(gates) == 1 else ({"members": gates} if any(gates) else None)
         self.image_errors = tuple(dict.fromkeys(e for m in self.members for e in m.image_errors))
         spec = loaded.spec
         self.views = (IDENTITY, *spec.tta)
