@@ -275,7 +275,8 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
     if cfg.engine == "ray":
         from legitseg.engines.ray_data import RayEngine
 
-        engine = RayEngine(runners, address=cfg.address, precision=cfg.precision, **options)
+        engine = RayEngine(runners, address=cfg.address, precision=cfg.precision,
+                           settings=cfg.env.build_settings(), **options)
     else:
         from legitseg.engines.local import Engine
 

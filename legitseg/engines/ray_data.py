@@ -114,20 +114,33 @@ class _ModelActor:
     """A Ray actor: the models on one device, running the local engine's batch step (`Stages.step`)."""
 
     def __init__(self, specs: list, backends: list[str], device: str, precision: str,
-                 batch_size: int, save_probabilities: bool, max_pixels: int, threads: int):
+                 batch_size: int, save_probabilities: bool, max_pixels: int, threads: int,
+                 cache_dir: str | None = None, ort_threads: int | None = None):
         import torch
 
         # CPU results depend on torch's intra-op thread count (float reductions split
         # differently); the actor uses the driver's, as the local engine would.
         torch.set_num_threads(threads)
 
+        from pathlib import Path
+
         from legitseg.engines.stages import Stages
-        from legitseg.inference.registry import build_runner
+        from legitseg.inference.registry import BuildSettings, build_runner
         from legitseg.models.factory import load_model
 
         dev = torch.device(device)
-        runners = [build_runner(load_model(spec), dev, precision, backend)
+        # The driver's graph cache (no second export on this machine) and ONNX Runtime threads sized
+        # to this actor's CPUs, not to every core of the node, which other actors share.
+        settings = BuildSettings(Path(cache_dir) if cache_dir else None, ort_threads or threads)
+        runners = [build_runner(load_model(spec), dev, precision, backend, settings)
                    for spec, backend in zip(specs, backends, strict=True)]
+        for runner, backend in zip(runners, backends, strict=True):
+            # run.json and every record name the driver's backend: an actor whose own parity gate
+            # decides otherwise (another CPU) must not run the model on something else unrecorded.
+            if runner.backend != backend:
+                raise RuntimeFailure(f"model {runner.name!r}: the driver runs it on {backend}, but on this "
+                                     f"Ray worker the parity gate chose {runner.backend}; run on one kind of "
+                                     f"machine or pass --backend {runner.backend}")
         self.precision = precision
         # The local engine's stages (decoding was done by the CPU tasks); `step` runs a batch whole.
         self.stages = Stages(runners, save_probabilities=save_probabilities)
@@ -156,7 +169,10 @@ class RayEngine:
 
     def __init__(self, runners: list, *, address: str | None, precision: str, batch_size: int,
                  workers: int, post_threads: int, save_probabilities: bool, max_pixels: int,
-                 stop: threading.Event):
+                 stop: threading.Event, settings=None):
+        from legitseg.inference.registry import BuildSettings
+
+        self.settings = settings or BuildSettings()  # the driver's: graph cache, ONNX Runtime threads
         self.runners = runners
         self.address = address
         self.precision = precision
@@ -225,7 +241,9 @@ class RayEngine:
             fn_constructor_kwargs=dict(specs=specs, backends=backends, device=self.device_type,
                                        precision=self.precision, batch_size=self.batch_size,
                                        save_probabilities=self.save_probabilities,
-                                       max_pixels=self.max_pixels, threads=threads),
+                                       max_pixels=self.max_pixels, threads=threads,
+                                       cache_dir=str(self.settings.cache_dir) if self.settings.cache_dir else None,
+                                       ort_threads=self.settings.ort_threads),
             **per_actor)
 
     def process(self, sources: list[Source]) -> Iterator[ImageResult]:
