@@ -39,13 +39,13 @@ def stages(loaded, files: list[Path], out: Path) -> dict[str, dict[str, float]]:
 
     from legitseg.fsio import atomic_write, sha256_bytes
     from legitseg.images.decode import (
-        DEFAULT_MAX_PIXELS,
         check_header,
-        decode_rgb,
+        decode_8bit,
         prepare,
         read_bytes,
     )
     from legitseg.images.reduced import decode_reduced, reduction, upright_size
+    from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
     from legitseg.inference import postprocess
     from legitseg.inference.runners import prep_for
     from legitseg.inference.torch_runner import TorchRunner
@@ -69,17 +69,17 @@ def stages(loaded, files: list[Path], out: Path) -> dict[str, dict[str, float]]:
         mark()
         fmt = check_header(data, DEFAULT_MAX_PIXELS)
         mark()
-        rgb = decode_rgb(data, fmt)
+        decoded, bgr = decode_8bit(data, fmt)  # as load_image: only the model's input converted to RGB
         mark()
-        size = upright_size(data) or rgb.shape[:2]
+        size = upright_size(data) or decoded.shape[:2]
         decode_reduced(data, max(2, reduction(size, spec.input_size)), size)
         mark()
-        arr = prepare(rgb, prep)
+        arr = prepare(decoded, prep, bgr=bgr)
         mark()
         logits = runner.logits([arr])[0]  # not timed: the forward pass
         mark()  # the forward pass ends here: the interval before this mark is not a stage
         with torch.inference_mode():
-            up = postprocess.upsample(logits, rgb.shape[:2])
+            up = postprocess.upsample(logits, decoded.shape[:2])
         mark()
         mask = np.greater(up.numpy()[0], postprocess.sigmoid_cutoff(spec.threshold)).view(np.uint8)
         mark()

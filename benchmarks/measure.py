@@ -409,7 +409,7 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     from legitseg.images import device_decode
     from legitseg.images.decode import (
         check_header,
-        decode_rgb,
+        decode_8bit,
         prepare,
         read_bytes,
     )
@@ -454,11 +454,11 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
             arr = device_decode.prepare(image, runner.prep)
             size = tuple(image.shape[-2:])
             sync(device)
-        else:
-            rgb = decode_rgb(data, fmt)
+        else:  # as load_image: the decoder's own channel order, only the model's input converted
+            decoded, bgr = decode_8bit(data, fmt)
             mark()
-            arr = prepare(rgb, runner.prep)
-            size = rgb.shape[:2]
+            arr = prepare(decoded, runner.prep, bgr=bgr)
+            size = decoded.shape[:2]
         mark()
         logits = runner.logits([arr])
         if device.type == "cpu":
