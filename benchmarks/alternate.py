@@ -33,17 +33,23 @@ def _tree(commit: str, where: Path) -> Path:
     return where
 
 
-def _run(tree: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, str]:
-    """(steady img/s, process wall s, backend run) of one run of `tree`."""
-    command = measure.legitseg_command(args.manifest, [args.model], args.images, out, "cpu", "fp32",
-                                       args.backend, ["--batch-size", str(args.batch_size)])
+def _run(tree: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, str, float]:
+    """(steady img/s, process wall s, backend run, peak RSS MB) of one run of `tree`."""
+    command = measure.legitseg_command(args.manifest.resolve(), [args.model], args.images.resolve(), out.resolve(),
+                                       "cpu", "fp32", args.backend, ["--batch-size", str(args.batch_size)])
     env = measure.child_env()
     env["PYTHONPATH"] = str(tree)  # this tree's legitseg, not the checkout's
     images = sum(1 for p in args.images.iterdir() if p.is_file())
     start = time.monotonic()
-    result = measure.legitseg_run(command, out, images, k=args.batch_size, env=env)
+    # Run from inside the tree: `python -m` puts the working folder first on sys.path, ahead of
+    # PYTHONPATH, so from this checkout both runs would import this checkout's legitseg.
+    result = measure.legitseg_run(command, out, images, k=args.batch_size, env=env, cwd=tree)
+    ran = subprocess.run([sys.executable, "-c", "import legitseg, sys; sys.stdout.write(legitseg.__file__)"],
+                         env=env, cwd=tree, capture_output=True, text=True, check=True).stdout
+    if not Path(ran).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"{tree}: legitseg imported from {ran}, not from the tree")
     backend = json.loads((out / "run.json").read_text())["models"][args.model].get("backend", "torch")
-    return result.steady_img_s, time.monotonic() - start, backend
+    return result.steady_img_s, time.monotonic() - start, backend, result.peak_rss_mb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         seen: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
         for r in range(args.rounds):
             for name, tree in trees.items():
-                rate, wall, backend = _run(tree, args, Path(tmp) / f"out-{name}")
+                rate, wall, backend, rss = _run(tree, args, Path(tmp) / f"out-{name}")
                 seen[name].append((rate, wall))
-                print(f"round {r + 1} {name:3s}: steady {rate:6.2f} img/s, wall {wall:5.2f} s, ran {backend}",
-                      flush=True)
+                print(f"round {r + 1} {name:3s}: steady {rate:6.2f} img/s, wall {wall:5.2f} s, peak RSS {rss:.0f} MB, "
+                      f"ran {backend}", flush=True)
         for name, rows in seen.items():
             rates, walls = [x for x, _ in rows], [w for _, w in rows]
             print(f"{name} ({args.old if name == 'old' else 'this tree'}): steady mean {sum(rates) / len(rates):.2f} "

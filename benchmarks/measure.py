@@ -276,7 +276,7 @@ def _peak_rss(pid: int) -> int:
 
 
 def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 3600) -> RunResult:
+                 env: dict[str, str] | None = None, timeout: float = 3600, cwd: Path | None = None) -> RunResult:
     """Run one `legitseg run` subprocess over a fresh OUT and time it.
 
     Start-up: from just before the process is spawned to the modification time of
@@ -290,7 +290,7 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
     with open(log_path, "wb") as log:
         t0 = time.time()
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
-                                env=env or child_env())
+                                env=env or child_env(), cwd=cwd)
         deadline = time.monotonic() + timeout
         peak = 0
         try:

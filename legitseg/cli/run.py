@@ -153,8 +153,10 @@ def run(
 def _run(inputs, out, manifest, models, device, batch_size, workers, precision, backend,
          save_probabilities, overwrite, max_pixels, jsonl, quiet, *, retry_failed, require_images, null,
          shard=None, engine="local", address=None, overlay=False, tta=None, require_adequate=False) -> int:
-    """The CLI is a thin layer over `legitseg.api.run`: it only shows the events."""
+    """The CLI is a thin layer over `legitseg.api.run`: it only shows the events (and keeps freed
+    memory for reuse, cli/allocator.py)."""
     from legitseg.api import run as run_api
+    from legitseg.cli.allocator import reuse_freed_memory
     from legitseg.output.writers import ImageOutcome
     from legitseg.run import Planned, Skipped, Started
 
@@ -180,6 +182,7 @@ def _run(inputs, out, manifest, models, device, batch_size, workers, precision, 
                 _emit(stdout, event.rows, signals)
             progress.advance(event.ok)
 
+    reuse_freed_memory()
     with _Signals() as signals:
         try:
             finished = run_api(
