@@ -281,7 +281,7 @@ def _stream(cfg: RunConfig, runners: list, settings: _Settings, todo: list[Sourc
         from legitseg.engines.local import Engine
 
         engine = Engine(runners, keep_rgb=cfg.overlay, quality=cfg.manifest.quality, gpu_decode=cfg.env.gpu_decode,
-                        profile=cfg.env.profile, **options)
+                        profile=cfg.env.profile, quiet_torch=True, **options)
     settings.jpeg_decoder = "nvjpeg" if getattr(engine, "device_decode", False) else "opencv"
     # The writers' queue is as deep as the engine's (on the GPU: two batches, which arrive whole).
     sink = Sink(cfg.out, infos, run_id, writers, depth=getattr(engine, "depth", None),
