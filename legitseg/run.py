@@ -38,7 +38,7 @@ from legitseg.output.records import ImageRecord
 from legitseg.output.resume import Resume
 from legitseg.output.shard import check_layout, claim_layout
 from legitseg.output.writers import RECORDS, RUNS, ImageOutcome, rebuild_summaries, write_summaries
-from legitseg.timeline import mark
+from legitseg.timeline import begin, mark
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def execute(cfg: RunConfig, stop: threading.Event) -> Iterator[Any]:
     Raises LegitsegError subclasses with the exit codes of docs/exit-codes.md.
     """
     started_at = time.time()
-    mark("run")
+    begin("run")
     for spec in cfg.models:
         for weights, sha256 in spec.weight_files:
             verify_sha256(weights, sha256, spec.name)

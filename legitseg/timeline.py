@@ -11,8 +11,16 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import time
+from collections import deque
 
-_MARKS: list[tuple[str, float]] = []
+# Bounded: a process that builds Predictors for ever (each gate marks) keeps the last few only.
+_MARKS: deque[tuple[str, float]] = deque(maxlen=256)
+
+
+def begin(name: str) -> None:
+    """A run starts: forget the marks of whatever came before it in this process, mark `name`."""
+    _MARKS.clear()
+    mark(name)
 
 
 def mark(name: str) -> None:

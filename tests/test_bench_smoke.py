@@ -149,3 +149,14 @@ def test_rates_take_the_steady_pace_between_two_full_pipelines_and_split_the_sta
     assert [round(v, 2) for _, v in split] == [1.0, 0.1, 0.9, 0.5, 0.2, 0.5, 0.1, 0.2, 1.47]
     # Short runs (< 3 batches): after the first batch to the last record.
     assert measure.rates(times[:8], k, 96.0, None)[:2] == (pytest.approx(4 / (times[7] - times[3])), None)
+
+
+def test_a_run_starts_its_own_timeline_and_the_timeline_stays_small():
+    from legitseg import timeline
+
+    for i in range(300):
+        timeline.mark(f"gated m{i}")
+    assert len(timeline.marks()) == 256 and timeline.marks()[-1][0] == "gated m299"
+    timeline.begin("run")
+    timeline.mark("planned")
+    assert [name for name, _ in timeline.marks()] == ["run", "planned"]
