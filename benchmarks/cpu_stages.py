@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import workload  # noqa: E402
+from benchmarks.measure import StepClock  # noqa: E402
 
 STAGES = ("read+hash", "header", "decode", "decode reduced", "resize", "upsample", "threshold", "areas",
           "components", "png encode", "record json", "write+fsync")
@@ -45,10 +45,10 @@ def stages(loaded, files: list[Path], out: Path) -> dict[str, dict[str, float]]:
         read_bytes,
     )
     from legitseg.images.reduced import decode_reduced, reduction, upright_size
-    from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
     from legitseg.inference import postprocess
     from legitseg.inference.runners import prep_for
     from legitseg.inference.torch_runner import TorchRunner
+    from legitseg.manifest.choices import DEFAULT_MAX_PIXELS
     from legitseg.output.writers import encode_png
 
     spec = loaded.spec
@@ -58,12 +58,8 @@ def stages(loaded, files: list[Path], out: Path) -> dict[str, dict[str, float]]:
     cpu = dict.fromkeys(STAGES, 0.0)
     areas = []
     for i, path in enumerate(files):
-        t, c = [time.perf_counter()], [time.process_time()]
-
-        def mark(t=t, c=c) -> None:
-            t.append(time.perf_counter())
-            c.append(time.process_time())
-
+        clock = StepClock()
+        mark = clock.mark
         data = read_bytes(path)
         digest = sha256_bytes(data)
         mark()
@@ -97,10 +93,10 @@ def stages(loaded, files: list[Path], out: Path) -> dict[str, dict[str, float]]:
         mark()
         if i == 0:
             continue  # warm-up
-        steps = [k for k in range(len(t) - 1) if k != 5]  # interval 5 is the forward pass
-        for key, k in zip(STAGES, steps, strict=True):
-            wall[key] += t[k + 1] - t[k]
-            cpu[key] += c[k + 1] - c[k]
+        steps = [s for k, s in enumerate(clock.steps()) if k != 5]  # interval 5 is the forward pass
+        for key, (spent, used) in zip(STAGES, steps, strict=True):
+            wall[key] += spent
+            cpu[key] += used
         areas.append(positive / mask.size)
     n = max(1, len(files) - 1)
     return {"wall_ms": {k: 1000 * v / n for k, v in wall.items()}, "cpu_ms": {k: 1000 * v / n for k, v in cpu.items()},

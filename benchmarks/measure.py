@@ -241,6 +241,23 @@ class RunFailed(RuntimeError):
     pass
 
 
+class StepClock:
+    """Wall and process-CPU clocks at the end of each step of one image (the serial stage
+    profiles here and in cpu_stages.py): `mark()` after each step, `steps()` the intervals."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = [time.perf_counter()], [time.process_time()]
+
+    def mark(self) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def steps(self) -> list[tuple[float, float]]:
+        """(wall s, CPU s) of each step, in order."""
+        return [(w1 - w0, c1 - c0) for w0, w1, c0, c1 in
+                zip(self.wall, self.wall[1:], self.cpu, self.cpu[1:], strict=False)]
+
+
 def legitseg_command(manifest: Path, models: list[str], images: Path, out: Path, device: str,
                      precision: str, backend: str, extra: list[str] | None = None) -> list[str]:
     return [sys.executable, "-m", "legitseg", "run", str(images), "-m", str(manifest), "--models",
@@ -432,12 +449,8 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
     for i, path in enumerate(files):
         if i == warmup:
             stages, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
-        t, c = [time.perf_counter()], [time.process_time()]
-
-        def mark(t: list[float] = t, c: list[float] = c) -> None:  # the end of one step: wall and CPU clocks
-            t.append(time.perf_counter())
-            c.append(time.process_time())
-
+        clock = StepClock()
+        mark = clock.mark
         data = read_bytes(path)
         digest = sha256_bytes(data)
         mark()
@@ -478,9 +491,9 @@ def legitseg_stages(manifest: Path, name: str, files: list[Path], out: Path, dev
             atomic_write(out / "masks" / f"{path.name}.png", png)
         atomic_write(record_path(out, path.name), json.dumps({"image": str(path), "sha256": digest}).encode())
         mark()
-        for key, a, b, ca, cb in zip(stages, t[:-1], t[1:], c[:-1], c[1:], strict=True):
-            stages[key] += b - a
-            cpu[key] += cb - ca
+        for key, (wall, used) in zip(stages, clock.steps(), strict=True):
+            stages[key] += wall
+            cpu[key] += used
         n += i >= warmup
     return ({k: 1000 * v / max(n, 1) for k, v in stages.items()},
             {k: 1000 * v / max(n, 1) for k, v in cpu.items()})

@@ -147,3 +147,34 @@ def _private_cache(tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LEGITSEG_CACHE_DIR", str(cache))
         yield cache
+
+
+def sources_in(folder: Path) -> list:
+    """The files of `folder` as Sources, in name order (what the engine tests stream)."""
+    from legitseg.images.sources import Source
+
+    return [Source(p, p.name) for p in sorted(folder.iterdir())]
+
+
+def engine_for(runners: list, **options):
+    """A local Engine with the engine tests' defaults (batch 4, 2 decode and 2 postprocessing
+    threads, probabilities kept); `options` override them."""
+    import threading
+
+    from legitseg.engines.local import Engine
+
+    defaults = dict(batch_size=4, workers=2, post_threads=2, save_probabilities=True, max_pixels=10**8,
+                    stop=threading.Event())
+    return Engine(runners, **{**defaults, **options})
+
+
+def torch_runners(manifest: Path) -> list:
+    """Every model of `manifest` built as a torch runner on the CPU in fp32 (the engine tests)."""
+    import torch
+
+    from legitseg.inference.registry import build_runner
+    from legitseg.manifest.spec import load_manifest
+    from legitseg.models.factory import load_model
+
+    return [build_runner(load_model(s), torch.device("cpu"), "fp32", "torch")
+            for s in load_manifest(manifest).models.values()]

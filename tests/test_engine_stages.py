@@ -26,6 +26,7 @@ from PIL import Image
 
 from legitseg.images import device_decode, jpeg_plan
 from legitseg.images.containers import jpeg_end, jpeg_whole
+from tests.conftest import engine_for, sources_in, torch_runners
 from tests.images import picture, save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    from legitseg.inference.registry import build_runner
-    from legitseg.manifest.spec import load_manifest
-    from legitseg.models.factory import load_model
     from tests.conftest import ModelKit
 
     kit = ModelKit(tmp_path_factory.mktemp("kit"))
     kit.add("binary", input_size=(64, 96))
     kit.add("multi", classes=4, resize="pad", seed=1)
     kit.add("grade", task="severity", classes=3, input_size=(64, 64), seed=2)
-    manifest = load_manifest(kit.write())
-    return [build_runner(load_model(s), torch.device("cpu"), "fp32", "torch") for s in manifest.models.values()]
+    return torch_runners(kit.write())
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +54,7 @@ def folder(tmp_path_factory) -> Path:
     return d
 
 
-def _sources(d: Path):
-    from legitseg.images.sources import Source
-
-    return [Source(p, p.name) for p in sorted(d.iterdir())]
-
-
-def _engine(runners, **kw):
-    from legitseg.engines.local import Engine
-
-    options = dict(batch_size=4, workers=2, post_threads=2, save_probabilities=True, max_pixels=10**8,
-                   stop=threading.Event())
-    return Engine(runners, **{**options, **kw})
+_sources, _engine = sources_in, engine_for
 
 
 def _same(a, b) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from legitseg.images import device_decode
 from legitseg.images.device_memory import out_of_memory
+from tests.conftest import engine_for, sources_in, torch_runners
 from tests.images import picture, save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,16 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    from legitseg.inference.registry import build_runner
-    from legitseg.manifest.spec import load_manifest
-    from legitseg.models.factory import load_model
     from tests.conftest import ModelKit
 
     kit = ModelKit(tmp_path_factory.mktemp("kit"))
     kit.add("binary", input_size=(64, 96))
     kit.add("multi", classes=3, resize="pad", seed=1)
-    manifest = load_manifest(kit.write())
-    return [build_runner(load_model(s), torch.device("cpu"), "fp32", "torch") for s in manifest.models.values()]
+    return torch_runners(kit.write())
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +46,12 @@ def folder(tmp_path_factory) -> Path:
     return d
 
 
-def _sources(d: Path):
-    from legitseg.images.sources import Source
-
-    return [Source(p, p.name) for p in sorted(d.iterdir())]
+_sources = sources_in
 
 
 def _engine(runners, **kw):
-    from legitseg.engines.local import Engine
-
-    options = dict(batch_size=4, workers=2, post_threads=2, save_probabilities=True, max_pixels=10**8,
-                   stop=threading.Event(), batched_post=True, device_decode=True)
-    return Engine(runners, **{**options, **kw})
+    """The GPU path's engine on the CPU: postprocessing batched, JPEGs decoded in batches."""
+    return engine_for(runners, **{"batched_post": True, "device_decode": True, **kw})
 
 
 def _probabilities(results) -> dict[str, np.ndarray]:
