@@ -15,17 +15,25 @@ from tests.conftest import REPO, ModelKit, invoke_cli
 from tests.images import picture, save
 
 REALLOCATE = r"""
-import resource, sys
-import torch  # its CPU tensors come from malloc, as a forward pass's activations do
+import ctypes, resource
 from legitseg.cli.allocator import reuse_freed_memory
 print(reuse_freed_memory(), end=" ")
-for _ in range(4):  # the first rounds take the pages (two or three blocks); the next show whether they were kept
-    a = torch.ones(64 << 20, dtype=torch.uint8)
-    del a
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64 << 20  # 16,384 pages of 4 KiB: over glibc's largest mmap threshold (32 MiB)
+
+
+def block():  # the same request each time, as a batch's activations or a decoded photograph are
+    p = libc.malloc(SIZE)
+    ctypes.memset(p, 1, SIZE)  # touch every page
+    libc.free(p)
+
+
+block()  # the first one takes its pages
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
-    a = torch.ones(64 << 20, dtype=torch.uint8)  # 16,384 pages of 4 KiB each time
-    del a
+    block()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
