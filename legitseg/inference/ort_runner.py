@@ -19,10 +19,11 @@ import torch
 
 from legitseg.errors import UsageError
 from legitseg.images.decoded import Prep
+from legitseg.inference import ort_calls
 from legitseg.inference.ort_import import onnxruntime as import_ort
 from legitseg.inference.parity_rule import ParityFigures, compare
 from legitseg.inference.runners import Preprocessor, Runner, prep_for
-from legitseg.models.onnx_export import INPUT, OUTPUT, CachedGraph, ExportFailed, cached_onnx
+from legitseg.models.onnx_export import CachedGraph, ExportFailed, cached_onnx
 from legitseg.timeline import mark
 
 if TYPE_CHECKING:
@@ -88,6 +89,13 @@ class OrtRunner:
     parity: float | None = None
     parity_gate: dict | None = None  # the rule's figures (run.json), parity_rule.ParityFigures.to_json
     image_errors: tuple[type[BaseException], ...] = ()
+    # Images per session call (ort_calls.py): chosen on the first batch of two or more once
+    # `tune` is set (by the gate, after parity), with the cache under `cache_dir`; None: whole batches.
+    per_call: int | None = None
+    tune: bool = False
+    cache_dir: Path | None = None
+    threads: int = 0
+    graph_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.device.type != "cpu":
@@ -101,8 +109,18 @@ class OrtRunner:
     def name(self) -> str:
         return self.loaded.spec.name
 
+    @property
+    def variant(self) -> str | None:
+        """run.json's `variant`: images per ONNX Runtime call, once chosen."""
+        return None if self.per_call is None else f"{self.per_call} image(s) per call"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (y,) = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        batch = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        if self.per_call is None and self.tune and batch.shape[0] > 1:
+            key = ort_calls.cache_key(self.graph_sha256, batch.shape[0], self.threads, import_ort().__version__)
+            self.per_call, y = ort_calls.choose(self.session, batch, key, self.cache_dir, self.name)
+        else:
+            y = ort_calls.run_in_calls(self.session, batch, self.per_call or batch.shape[0])
         return torch.from_numpy(y)
 
     def logits(self, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -154,6 +172,7 @@ def gate(loaded: LoadedModel, reference: Runner, tolerance: float, threads: int 
         return _fallback(reference, figures, f"model {name!r}: ONNX Runtime's outputs differ from torch's: "
                                              + "; ".join(failures), graph)
     runner.parity, runner.parity_gate = figures.probability, figures.to_json()
+    runner.tune, runner.cache_dir, runner.threads, runner.graph_sha256 = True, cache_dir, threads, graph.sha256
     compared = "mask pixels" if runner.loaded.spec.task == "segmentation" else "grades"
     log.info("%s: onnxruntime backend, %d thread(s), logits within %.2g of the largest (tolerance %g), "
              "probabilities within %.2g, %d of %d %s changed (all near-ties)", name, threads,
