@@ -11,6 +11,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -227,6 +228,30 @@ def dumps(data: Any, **kwargs: Any) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, (dumps(data, indent=2) + "\n").encode())
+
+
+def read_choices(path: Path | None) -> dict[str, Any]:
+    """A cache file of remembered choices (key -> value); {} when there is none or it is damaged."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember_choice(path: Path | None, key: str, value: Any) -> None:
+    """Add one choice to such a file. Not fsynced, and never raises: a cache that cannot be
+    written costs a new measurement next time, nothing else."""
+    if path is None:
+        return
+    data = read_choices(path)
+    data[key] = value
+    try:
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), fsync=False)
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger(__name__).debug("%s not written: %s", path, err)
 
 
 def remove_stale_tmp(out: Path) -> int:

@@ -21,11 +21,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from legitseg.fsio import atomic_write
+from legitseg.fsio import read_choices, remember_choice
 from legitseg.images.device_memory import out_of_memory
 from legitseg.inference.activation import activation
 from legitseg.inference.precision import LAYOUTS, VARIANT_TOLERANCE, variants
@@ -70,25 +70,12 @@ def cache_key(runner: Tunable, shape: tuple[int, ...]) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def _read_cache(cache_dir: Path | None) -> dict[str, str]:
-    if cache_dir is None:
-        return {}
-    try:
-        data = json.loads(cache_file(cache_dir).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _read_cache(cache_dir: Path | None) -> dict[str, Any]:
+    return read_choices(None if cache_dir is None else cache_file(cache_dir))
 
 
-def _write_cache(cache_dir: Path | None, key: str, variant: str) -> None:
-    if cache_dir is None:
-        return
-    data = _read_cache(cache_dir)
-    data[key] = variant
-    try:
-        atomic_write(cache_file(cache_dir), json.dumps(data, indent=1, sort_keys=True).encode(), fsync=False)
-    except Exception as err:  # noqa: BLE001 - a cache that cannot be written costs a re-measure, nothing else
-        log.debug("layout cache not written: %s", err)
+def _write_cache(cache_dir: Path | None, key: str, value: Any) -> None:
+    remember_choice(None if cache_dir is None else cache_file(cache_dir), key, value)
 
 
 def _sync(device: torch.device) -> None:

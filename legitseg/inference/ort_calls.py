@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from legitseg.fsio import atomic_write
+from legitseg.fsio import read_choices, remember_choice
 from legitseg.models.onnx_export import INPUT, OUTPUT
 
 log = logging.getLogger(__name__)
@@ -69,24 +69,11 @@ def cache_file(cache_dir: Path) -> Path:
 
 
 def _read_cache(cache_dir: Path | None) -> dict[str, Any]:
-    if cache_dir is None:
-        return {}
-    try:
-        data = json.loads(cache_file(cache_dir).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_choices(None if cache_dir is None else cache_file(cache_dir))
 
 
-def _write_cache(cache_dir: Path | None, key: str, per_call: int) -> None:
-    if cache_dir is None:
-        return
-    data = _read_cache(cache_dir)
-    data[key] = per_call
-    try:
-        atomic_write(cache_file(cache_dir), json.dumps(data, indent=1, sort_keys=True).encode(), fsync=False)
-    except Exception as err:  # noqa: BLE001 - a cache that cannot be written costs a re-measure, nothing else
-        log.debug("images-per-call cache not written: %s", err)
+def _write_cache(cache_dir: Path | None, key: str, value: Any) -> None:
+    remember_choice(None if cache_dir is None else cache_file(cache_dir), key, value)
 
 
 def choose(session: Any, batch: np.ndarray, key: str, cache_dir: Path | None, name: str) -> tuple[int, np.ndarray]:
