@@ -13,7 +13,6 @@ close the table. Needs a work folder prepared by `make bench` (its manifest, wei
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -63,7 +62,7 @@ def main() -> None:
         out = work / "out" / "pairs-run"
         run = measure.legitseg_run(measure.legitseg_command(manifest, [args.model], folder, out, "cpu", "fp32",
                                                             "auto"), out, len(files))
-        variant = json.loads((out / "run.json").read_text())["models"][args.model].get("variant")
+        variant = run.variants.get(args.model)
         rows.append((bound, loop, run.steady_img_s))
         print(f"{i + 1} | {bound:.2f} | {loop:.2f} | {run.steady_img_s:.2f} | {run.steady_img_s / bound:.2f} | "
               f"{run.steady_img_s / loop:.2f} | {run.backends[args.model]} | {variant}", flush=True)

@@ -235,6 +235,7 @@ class RunResult:
     parity_gate: dict = field(default_factory=dict)  # model -> run.json's parity_gate (the rule's figures)
     from_start_img_s: float | None = None  # N / (last record - engine start): pipeline fill included
     startup_split: list = field(default_factory=list)  # [step, seconds] from spawn to the first record
+    variants: dict = field(default_factory=dict)  # model -> run.json's variant (layout, or images per ONNX Runtime call)
 
 
 class RunFailed(RuntimeError):
@@ -345,7 +346,8 @@ def legitseg_run(command: list[str], out: Path, expected: int, k: int | None = N
         peak_rss_mb=peak / 2**20, batch_size=run_json.get("batch_size"),
         workers=run_json.get("workers"),
         backends={m: v.get("backend", "torch") for m, v in models.items()}, command=command,
-        area_fraction=mean_area(out), parity_gate={m: v.get("parity_gate") for m, v in models.items()})
+        area_fraction=mean_area(out), parity_gate={m: v.get("parity_gate") for m, v in models.items()},
+        variants={m: v.get("variant") for m, v in models.items()})
 
 
 def rates(times: list[float], k: int, spawned: float, profile_path: str | None

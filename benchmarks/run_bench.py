@@ -258,7 +258,8 @@ class Bench:
             "c_over_a": c.steady_img_s / a,
             "c_over_b": c.steady_img_s / b_rate if b_rate else None,
             "c_over_ort": c.steady_img_s / ort_a if ort_a else None,
-            "ran": ", ".join(f"{m} {b}" for m, b in sorted(c.backends.items())),
+            "ran": ", ".join(f"{m} {b}" + (f" ({c.variants[m]})" if c.variants.get(m) else "")
+                             for m, b in sorted(c.backends.items())),
             "area_fraction": c.area_fraction,
             "parity_gate": c.parity_gate,
             "out": str(self.work / "out" / tag),
