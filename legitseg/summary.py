@@ -8,6 +8,7 @@ summaries are those of a quiet folder.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -122,7 +123,8 @@ def summary(out: Path) -> dict[str, Any]:
                          "give the -o folder of a `legitseg run`")
     try:
         with OutputLock(out):
-            scan = rebuild_summaries(out)
+            # `computed` keeps meaning "computed by the latest run into OUT", as the run left it.
+            scan = rebuild_summaries(out, latest_run_id(out))
         rebuilt = True
     except RuntimeFailure as err:
         if not _read_only(err):
@@ -170,6 +172,15 @@ def quality_counts(records: list[ImageRecord]) -> dict[str, Any]:
                         "not_measured": len(records) - len(judged),
                         "skipped": sum(r.status == "inadequate" for r in records),
                         "by_reason": dict(sorted(reasons.items()))}}
+
+
+def latest_run_id(out: Path) -> str | None:
+    """The run id run.json names (the latest run into OUT), or None when it cannot be read."""
+    try:
+        run_id = json.loads((out / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
 
 
 def _read_only(err: RuntimeFailure) -> bool:

@@ -100,3 +100,22 @@ def test_summary_exits_5_while_a_run_holds_out(done):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_summary_keeps_computed_as_the_latest_run_left_it(done, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    for name in ("scores.jsonl", "scores.csv"):
+        (out / name).unlink(missing_ok=True)
+    latest = json.loads((out / "run.json").read_text())["run_id"]
+    assert CliRunner().invoke(app, ["summary", str(out)]).exit_code == 0
+    rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert rows and all(r["computed"] is (r.get("run_id") == latest) for r in rows)
+    assert any(r["computed"] for r in rows)  # the run that wrote OUT computed these: not "skipped"
+    assert "True" in (out / "scores.csv").read_text()
+    # Without a readable run.json nothing can be said to be computed by the latest run.
+    (out / "run.json").write_text("{not json")
+    assert CliRunner().invoke(app, ["summary", str(out)]).exit_code == 0
+    assert not any(json.loads(x)["computed"] for x in (out / "scores.jsonl").read_text().splitlines())
